@@ -1,0 +1,26 @@
+"""The benchmarks run and report what they promise (speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overhead_benchmark_reports_every_size_and_ratio() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overhead", "--world-sizes", "2", "--channels", "8,16",
+         "--rounds", "2", "--repeats", "1", "--json"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["world_size"], r["channels"]) for r in rows] == [(2, 8), (2, 16)]
+    for r in rows:
+        assert r["primitive"] == "all_gather"
+        assert r["floor_ms"] > 0 and r["syncnorm_ms"] > 0 and r["local_bn_ms"] > 0
+        expected = (r["syncnorm_ms"] - r["local_bn_ms"]) / r["floor_ms"]
+        assert abs(r["overhead_over_floor"] - expected) < 1e-2
