@@ -89,6 +89,10 @@ class SyncBatchNorm(_BatchNorm):
         self.last_input_dim: int | None = None
         self._layer_key: LayerKey | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._layer_key = None  # a copy is a different layer to the transports
+
     @property
     def layer_key(self) -> LayerKey:
         """How transports identify this layer; follows ``layer_name``."""

@@ -34,6 +34,11 @@ class Case:
     layer_kwargs: dict = field(default_factory=dict)
 
     @property
+    def half(self) -> bool:
+        """Half-precision input; the layer's parameters and the reference stay fp32."""
+        return self.dtype in (torch.bfloat16, torch.float16)
+
+    @property
     def world_size(self) -> int:
         return len(self.sizes)
 
@@ -126,8 +131,7 @@ def reference_layer(case: Case) -> torch.nn.Module:
     ndim = 2 + len(case.spatial)
     return TORCH_BN[ndim](
         case.channels, momentum=case.momentum, affine=case.affine,
-        track_running_stats=case.track_running_stats, dtype=torch.float32
-        if case.dtype in (torch.bfloat16, torch.float16) else case.dtype,
+        track_running_stats=case.track_running_stats, dtype=torch.float32 if case.half else case.dtype,
         **case.layer_kwargs,
     )  # fmt: skip
 
@@ -137,6 +141,7 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
         torch.float64: {"rtol": 1e-10, "atol": 1e-10},
         torch.float32: {"rtol": 1e-5, "atol": 1e-5},
         torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+        torch.float16: {"rtol": 2e-3, "atol": 2e-3},
     }[dtype]
 
 
@@ -157,13 +162,13 @@ def assert_matches_reference(traces: list[Trace], reference: Trace, case: Case) 
             torch.testing.assert_close(t.outputs[step], ref_y.to(case.dtype), **tol)
             torch.testing.assert_close(t.input_grads[step], ref_dx.to(case.dtype), **tol)
         if case.affine:
-            param_tol = tol if case.dtype != torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+            param_tol = tol if not case.half else {"rtol": 1e-4, "atol": 1e-4}
             summed_w = torch.stack([t.weight_grads[step] for t in traces]).sum(0)
             torch.testing.assert_close(summed_w, reference.weight_grads[step], **param_tol)
             if reference.bias_grads:
                 summed_b = torch.stack([t.bias_grads[step] for t in traces]).sum(0)
                 torch.testing.assert_close(summed_b, reference.bias_grads[step], **param_tol)
-    buffer_tol = tol if case.dtype != torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    buffer_tol = tol if not case.half else {"rtol": 1e-5, "atol": 1e-5}
     for rank, t in enumerate(traces):
         if reference.running_mean is not None:
             torch.testing.assert_close(t.running_mean, reference.running_mean, **buffer_tol)

@@ -3,6 +3,8 @@ the concatenated global batch (tests/cases.py)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ CASES = {
     "2d-allgather-fp32-three-steps": Case(sizes=(2, 7), dtype=torch.float32, primitive="all_gather", steps=3),
     "2d-weight-without-bias": Case(sizes=(3, 2), layer_kwargs={"bias": False}),
     "2d-bf16": Case(sizes=(3, 5), dtype=torch.bfloat16),
+    "1d-fp16-allreduce": Case(sizes=(4, 0, 3), spatial=(), dtype=torch.float16, primitive="all_reduce"),
     "2d-channels-last-fp32": Case(sizes=(2, 3), spatial=(3, 4), dtype=torch.float32, channels_last=True),
     "3d-channels-last-fp64": Case(sizes=(1, 3), spatial=(2, 3, 2), channels_last=True),
 }
@@ -30,7 +33,7 @@ CASES = {
 
 def _sync_layer(case: Case) -> SyncBatchNorm:
     reducer = None if case.primitive == "auto" else TorchDistributedReducer(primitive=case.primitive)
-    param_dtype = torch.float32 if case.dtype == torch.bfloat16 else case.dtype
+    param_dtype = torch.float32 if case.half else case.dtype
     return SyncBatchNorm(
         case.channels, momentum=case.momentum, affine=case.affine,
         track_running_stats=case.track_running_stats, reducer=reducer, dtype=param_dtype,
@@ -55,6 +58,21 @@ def test_matches_batchnorm_on_concatenated_batch(ranks, name: str) -> None:
     for rank, size in enumerate(case.sizes):
         if size == 0 and case.affine:
             assert all(float(g.abs().max()) == 0 for g in traces[rank].weight_grads)
+
+
+def _deep_copy_trace(rank: int, world_size: int, case: Case) -> Trace:
+    original = _sync_layer(case)
+    run_layer(original, case, rank)  # the original has run and shaken hands
+    return run_layer(copy.deepcopy(original), case, rank)
+
+
+def test_deep_copy_of_a_layer_is_a_working_layer(ranks) -> None:
+    """EMA or eval copies: the copy shares the transport and synchronizes on its own."""
+    case = Case(sizes=(2, 3), primitive="all_gather")
+    traces = ranks(2).run(_deep_copy_trace, case)
+    reference = reference_layer(case)
+    run_layer(reference, case, None)
+    assert_matches_reference(traces, run_layer(reference, case, None), case)
 
 
 def _subgroup_trace(rank: int, world_size: int, cases: tuple[Case, Case]) -> Trace:

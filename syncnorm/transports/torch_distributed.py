@@ -95,6 +95,10 @@ class TorchDistributedReducer(StatsReducer):
         self._names: dict[int, str] = {}
         self._pending: list[_PendingCheck] = []
 
+    def __deepcopy__(self, memo: dict) -> TorchDistributedReducer:
+        # A handle on a process group: copies of a model (EMA, eval copies) share it.
+        return self
+
     # -- StatsReducer ---------------------------------------------------------
 
     def merge_moments(self, local: Moments, layer: LayerKey) -> Moments:
@@ -182,8 +186,8 @@ class TorchDistributedReducer(StatsReducer):
         return self._names.get(signature, f"a layer this rank has not run (signature {signature})")
 
     def _check(self, observed: Tensor, layer: LayerKey, direction: str, ranks_gathered: bool) -> None:
-        if observed.device.type == "cpu":
-            self._raise_if_mismatch(observed, layer, direction, ranks_gathered)
+        if observed.device.type != "cuda":
+            self._raise_if_mismatch(observed.cpu(), layer, direction, ranks_gathered)
             return
         host = torch.empty(observed.shape, dtype=observed.dtype, pin_memory=True)
         host.copy_(observed, non_blocking=True)
