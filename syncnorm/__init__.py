@@ -2,26 +2,35 @@
 
 from syncnorm.batchnorm import SyncBatchNorm
 from syncnorm.convert import convert_sync_batchnorm, name_layers, revert_sync_batchnorm
+from syncnorm.join import SyncBatchNormJoin, join_ready_ddp
 from syncnorm.moments import Moments
+from syncnorm.precise_bn import precise_bn
 from syncnorm.transports import (
     LayerKey,
     LayerMismatchError,
     StatsReducer,
+    SynchronizationError,
     TorchDistributedReducer,
     consecutive_groups,
 )
+from syncnorm.uneven import GlobalBatchMean
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GlobalBatchMean",
     "LayerKey",
     "LayerMismatchError",
     "Moments",
     "StatsReducer",
     "SyncBatchNorm",
+    "SyncBatchNormJoin",
+    "SynchronizationError",
     "TorchDistributedReducer",
     "consecutive_groups",
     "convert_sync_batchnorm",
+    "join_ready_ddp",
     "name_layers",
+    "precise_bn",
     "revert_sync_batchnorm",
 ]

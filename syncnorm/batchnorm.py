@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncnorm.function import SyncBatchNormFunction
+from syncnorm.function import SyncBatchNormFunction, compute_dtype
+from syncnorm.moments import Moments, local_moments
 from syncnorm.transports.base import LayerKey, StatsReducer
 from syncnorm.transports.torch_distributed import default_reducer
 
@@ -55,6 +57,10 @@ class SyncBatchNorm(_BatchNorm):
         reducer: a :class:`~syncnorm.transports.StatsReducer` to use instead of
             torch.distributed (e.g. a Ray actor aggregator).
 
+    ``moment_observers`` (a list, empty by default) are called in training as
+    ``observer(local, total)`` with this worker's and the group's batch
+    :class:`~syncnorm.moments.Moments`; :func:`syncnorm.precise_bn` uses them.
+
     Without a reducer, and when torch.distributed is not initialized or the group
     has one rank, the layer is exactly ``torch.nn.BatchNorm`` on the local batch.
 
@@ -87,6 +93,7 @@ class SyncBatchNorm(_BatchNorm):
         self.reducer = reducer
         self.layer_name = ""
         self.last_input_dim: int | None = None
+        self.moment_observers: list[Callable[[Moments, Moments], None]] = []
         self._layer_key: LayerKey | None = None
 
     def __setstate__(self, state: dict) -> None:
@@ -136,15 +143,23 @@ class SyncBatchNorm(_BatchNorm):
             output = F.batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps
             )
+            if self.moment_observers:
+                with torch.no_grad():
+                    local = local_moments(input, compute_dtype(input))
+                self._observe(local, local)
         else:
             output = SyncBatchNormFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var,
-                self.eps, factor, reducer, self.layer_key,
+                self.eps, factor, reducer, self.layer_key, self._observe if self.moment_observers else None,
             )  # fmt: skip
         if tracks:
             # Counted only once the step succeeded: a rejected batch changes no state.
             self.num_batches_tracked.add_(1)
         return output
+
+    def _observe(self, local: Moments, total: Moments) -> None:
+        for observer in self.moment_observers:
+            observer(local, total)
 
     def extra_repr(self) -> str:
         name = f", layer_name={self.layer_name!r}" if self.layer_name else ""

@@ -13,12 +13,16 @@ Backward (one collective), with xhat = (x - mu) * invstd::
     dx = weight * invstd * (dy - sum_dy / N - (x - mu) * invstd**2 * sum_dy_xmu / N)
     dweight = local sum dy * xhat,  dbias = local sum dy     # per worker; DDP adds them
 
+``observe(local, total)``, when given, sees this worker's moments and the
+merged ones of every call (for precise BN and monitoring).
+
 Statistics are computed in float32 for half-precision inputs (float64 for
 float64), and the output has the input's dtype and memory format.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,12 +83,15 @@ class SyncBatchNormFunction(torch.autograd.Function):
         average_factor: float,
         reducer: StatsReducer,
         layer: LayerKey,
+        observe: Callable[[Moments, Moments], None] | None = None,
     ) -> Tensor:
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             local = local_moments(x, dtype)
             total = reducer.merge_moments(local, layer)
             check_enough_values(total, x.numel() // max(x.shape[1], 1), x.shape)
+            if observe is not None:
+                observe(local, total)
             batch = Moments(total.count.to(dtype), total.mean.to(dtype), total.m2.to(dtype))
             invstd = torch.rsqrt(batch.biased_var + eps)
             if running_mean is not None and running_var is not None:
@@ -129,4 +136,4 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 grad_x = grad_x.to(x.dtype, memory_format=memory_format_of(x))
             grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None
             grad_b = sum_dy.to(weight.dtype) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None

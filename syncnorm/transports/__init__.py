@@ -1,6 +1,6 @@
 """Transports: how SyncBN statistics travel between workers."""
 
-from syncnorm.transports.base import LayerKey, LayerMismatchError, StatsReducer
+from syncnorm.transports.base import LayerKey, LayerMismatchError, StatsReducer, SynchronizationError
 from syncnorm.transports.torch_distributed import (
     FASTEST_PRIMITIVE,
     TorchDistributedReducer,
@@ -13,6 +13,7 @@ __all__ = [
     "LayerKey",
     "LayerMismatchError",
     "StatsReducer",
+    "SynchronizationError",
     "TorchDistributedReducer",
     "consecutive_groups",
     "default_reducer",

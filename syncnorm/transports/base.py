@@ -59,6 +59,10 @@ class LayerMismatchError(RuntimeError):
     """Workers disagree on which layer a synchronization round belongs to."""
 
 
+class SynchronizationError(RuntimeError):
+    """A synchronization round did not complete: a peer died, hung or never came."""
+
+
 class StatsReducer(ABC):
     """Moves SyncBN statistics between the workers of one synchronization group.
 

@@ -8,6 +8,10 @@ sums (payload O(C) whatever the world size).  Both give the exact merged moments
 
 from __future__ import annotations
 
+import datetime
+import os
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from syncnorm.moments import Moments, from_power_sums, merge_moments, to_power_sums
-from syncnorm.transports.base import LayerKey, LayerMismatchError, StatsReducer
+from syncnorm.transports.base import LayerKey, LayerMismatchError, StatsReducer, SynchronizationError
 
 Primitive = Literal["all_gather", "all_reduce"]
 
@@ -39,11 +43,32 @@ and the all-reduce path's power sums keep ~1e-8 relative variance error at
 |mean|/std = 1e4 (see syncnorm.moments)."""
 
 
-def all_gather_into(out: Tensor, tensor: Tensor, group: dist.ProcessGroup | None = None) -> None:
+DEFAULT_TIMEOUT_S = 300.0
+"""How long a SyncBN collective may wait for its peers unless ``SYNCNORM_TIMEOUT_S``
+says otherwise: long enough for a slow first step, far below Gloo's 30 minutes."""
+
+
+def timeout_from_env() -> float:
+    """``SYNCNORM_TIMEOUT_S`` in seconds, or :data:`DEFAULT_TIMEOUT_S`."""
+    text = os.environ.get("SYNCNORM_TIMEOUT_S")
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"SYNCNORM_TIMEOUT_S must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def all_gather_into(
+    out: Tensor, tensor: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
+) -> dist.Work | None:
     """All-gather ``tensor`` from every rank into the flat ``out`` (rank-major)."""
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single and deprecated the old name.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, tensor, group=group)
+    return gather(out, tensor, group=group, async_op=async_op)
 
 
 @dataclass
@@ -64,6 +89,11 @@ class TorchDistributedReducer(StatsReducer):
         group: the process group (``None``: the default group).
         primitive: ``"all_gather"``, ``"all_reduce"``, or ``"auto"`` to take
             :data:`FASTEST_PRIMITIVE` for the group's backend.
+        timeout_s: how long one collective may wait for its peers before every
+            waiting worker raises :class:`SynchronizationError` naming the layer and
+            call (default: ``SYNCNORM_TIMEOUT_S``, else 300 s).  On NCCL the
+            host never waits for the device, so there the process group's own
+            timeout (``init_process_group(timeout=...)``) bounds the wait.
 
     Every payload carries the layer's signature.  The first call for each layer
     also exchanges ``(signature, num_features)`` in a fixed-size round, so that
@@ -75,7 +105,10 @@ class TorchDistributedReducer(StatsReducer):
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, primitive: Primitive | Literal["auto"] = "auto"
+        self,
+        group: dist.ProcessGroup | None = None,
+        primitive: Primitive | Literal["auto"] = "auto",
+        timeout_s: float | None = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -91,9 +124,14 @@ class TorchDistributedReducer(StatsReducer):
         self.primitive: Primitive = (
             FASTEST_PRIMITIVE.get(backend, "all_reduce") if primitive == "auto" else primitive
         )
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        self.timeout_s = timeout_s if timeout_s is not None else timeout_from_env()
+        self._host_waits = backend != "nccl"
         self._verified: set[int] = set()
         self._names: dict[int, str] = {}
         self._pending: list[_PendingCheck] = []
+        self._calls: Counter[tuple[int, str]] = Counter()
 
     def __deepcopy__(self, memo: dict) -> TorchDistributedReducer:
         # A handle on a process group: copies of a model (EMA, eval copies) share it.
@@ -102,7 +140,7 @@ class TorchDistributedReducer(StatsReducer):
     # -- StatsReducer ---------------------------------------------------------
 
     def merge_moments(self, local: Moments, layer: LayerKey) -> Moments:
-        self._start_round(layer, local.mean.device)
+        self._start_round(layer, local.mean.device, "forward")
         sig = float(layer.signature)
         if self.primitive == "all_gather":
             payload = torch.cat(
@@ -113,7 +151,7 @@ class TorchDistributedReducer(StatsReducer):
                     local.m2.to(_PAYLOAD_DTYPE),
                 ]
             )
-            rows = self._all_gather(payload)
+            rows = self._all_gather(payload, layer, "forward")
             self._check(rows[:, 0], layer, "forward", ranks_gathered=True)
             c = layer.num_features
             return merge_moments(rows[:, 1], rows[:, 2 : 2 + c], rows[:, 2 + c :])
@@ -129,45 +167,64 @@ class TorchDistributedReducer(StatsReducer):
         return from_power_sums(total[0], total[1 : 1 + c], total[1 + c :])
 
     def sum_across_workers(self, local: Tensor, layer: LayerKey) -> Tensor:
-        self._start_round(layer, local.device)
+        self._start_round(layer, local.device, "backward")
         sig = float(layer.signature)
         if self.primitive == "all_gather":
             payload = torch.cat(
                 [torch.tensor([sig], dtype=_PAYLOAD_DTYPE, device=local.device), local.to(_PAYLOAD_DTYPE)]
             )
-            rows = self._all_gather(payload)
+            rows = self._all_gather(payload, layer, "backward")
             self._check(rows[:, 0], layer, "backward", ranks_gathered=True)
             return rows[:, 1:].sum(0).to(local.dtype)
         return self._all_reduce_signed(local.to(_PAYLOAD_DTYPE), sig, layer, "backward").to(local.dtype)
 
     # -- collectives ----------------------------------------------------------
 
-    def _all_gather(self, payload: Tensor) -> Tensor:
+    def _all_gather(self, payload: Tensor, layer: LayerKey, direction: str) -> Tensor:
         out = payload.new_empty(self.world_size * payload.numel())
-        all_gather_into(out, payload, self.group)
+        self._wait(lambda: all_gather_into(out, payload, self.group, async_op=True), layer, direction)
         return out.view(self.world_size, -1)
+
+    def _wait(self, start: Callable[[], dist.Work | None], layer: LayerKey, direction: str) -> None:
+        """Run one collective; a dead, hung or missing peer becomes a SynchronizationError."""
+        try:
+            work = start()
+            assert work is not None
+            if self._host_waits:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            else:
+                work.wait()
+        except RuntimeError as error:
+            call = self._calls[(layer.instance, direction)]
+            raise SynchronizationError(
+                f"{layer.describe()}: {direction} synchronization (call {call} of this layer) failed on "
+                f"rank {self.rank}: {error}. A peer died, hung, or stopped calling this layer; waits are "
+                f"bounded by {self.timeout_s:g} s (SYNCNORM_TIMEOUT_S). For workers that run out of data "
+                "early, see syncnorm.SyncBatchNormJoin."
+            ) from error
 
     def _all_reduce_signed(self, body: Tensor, sig: float, layer: LayerKey, direction: str) -> Tensor:
         # (sig, sig^2) summed over workers equals (W*s, W*s^2) only if every
         # worker sent s: the variance of the signatures is then zero.
         head = torch.tensor([sig, sig * sig], dtype=_PAYLOAD_DTYPE, device=body.device)
         total = torch.cat([head, body])
-        dist.all_reduce(total, group=self.group)
+        self._wait(lambda: dist.all_reduce(total, group=self.group, async_op=True), layer, direction)
         deviation = total[:2] - self.world_size * head
         self._check(deviation, layer, direction, ranks_gathered=False)
         return total[2:]
 
     # -- layer checks ---------------------------------------------------------
 
-    def _start_round(self, layer: LayerKey, device: torch.device) -> None:
+    def _start_round(self, layer: LayerKey, device: torch.device, direction: str) -> None:
         self._drain_pending(block=False)
+        self._calls[(layer.instance, direction)] += 1
         if layer.instance in self._verified:
             return
         self._names[layer.signature] = layer.describe()
         mine = torch.tensor(
             [float(layer.signature), float(layer.num_features)], dtype=_PAYLOAD_DTYPE, device=device
         )
-        rows = self._all_gather(mine).cpu()
+        rows = self._all_gather(mine, layer, "handshake").cpu()
         if not bool((rows == mine.cpu()).all()):
             others = "; ".join(
                 f"rank {r}: num_features={int(c)}"
