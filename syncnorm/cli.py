@@ -10,35 +10,94 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 3,13, got {text!r}"
-        ) from None
-    if len(sizes) < 2 or min(sizes) < 0 or sum(sizes) < 2:
-        raise argparse.ArgumentTypeError(
-            f"need at least two workers' batch sizes, none negative, at least 2 values in all; got {text!r}"
-        )
+        message = f"expected comma-separated integers like 8,24, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    if min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"batch sizes cannot be negative, got {text!r}")
     return sizes
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="syncnorm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="syncnorm", description="Exact synchronized batch norm.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser(
-        "demo", help="SyncBatchNorm on local Gloo workers, checked against torch BN on the global batch"
+        "demo", help="train digits on 4 local workers with SyncBN, local BN and one process, and compare"
     )
-    demo.add_argument(
-        "--batch-sizes", type=_batch_sizes, default=(3, 13), help="one per worker (default 3,13)"
+    demo.add_argument("--batch-sizes", type=_batch_sizes, default=(2, 4, 6, 20), help="one per worker")
+    demo.add_argument("--epochs", type=_positive_int, default=3)
+
+    train = commands.add_parser(
+        "train",
+        help="train a small BN CNN on scikit-learn's digits (one process, or under torchrun)",
+        description="Under torchrun (torchrun --nproc-per-node N -m syncnorm train ...) every process is "
+        "one worker; run directly it is one process.",
     )
-    demo.add_argument("--steps", type=int, default=20, help="training steps (default 20)")
+    train.add_argument(
+        "--batch-sizes", type=_batch_sizes, default=(32,), help="one per worker, or one for all (default 32)"
+    )
+    train.add_argument("--epochs", type=_positive_int, default=5)
+    train.add_argument("--lr", type=_positive_float, default=0.05)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--norm", choices=("sync", "local"), default="sync")
+    train.add_argument("--checkpoint", help="rank 0 saves the state_dict here")
+    train.add_argument("--precise-bn", type=int, default=0, metavar="BATCHES",
+                       help="recompute running stats exactly over this many batches per worker")  # fmt: skip
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--coordinator", metavar="HOST:PORT", help="syncnorm coordinator to report to")
+    train.add_argument("--report-every", type=_positive_int, default=10, metavar="K")
+    train.add_argument("--run-id", default="syncnorm")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from syncnorm.demo import DemoConfig, run_demo
 
-        if args.steps < 1:
-            build_parser().error("--steps must be at least 1")
-        print(run_demo(DemoConfig(batch_sizes=args.batch_sizes, steps=args.steps)))
+        if len(args.batch_sizes) < 2 or sum(args.batch_sizes) < 2:
+            parser.error("--batch-sizes: the demo needs at least two workers and two images in all")
+        print(run_demo(DemoConfig(batch_sizes=args.batch_sizes, epochs=args.epochs)))
+        return 0
+    return _train(parser, args)
+
+
+def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from syncnorm.train import TrainConfig, train_worker
+    from syncnorm.train.launch_env import init_from_env
+
+    config = TrainConfig(
+        batch_sizes=args.batch_sizes, epochs=args.epochs, lr=args.lr, seed=args.seed, norm=args.norm,
+        checkpoint=args.checkpoint, precise_bn_batches=args.precise_bn, coordinator=args.coordinator,
+        report_every=args.report_every, run_id=args.run_id, device=args.device,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    rank, world_size = init_from_env(args.device)
+    try:
+        config.sizes_for(world_size)
+    except ValueError as error:
+        parser.error(str(error))
+    result = train_worker(config, rank, world_size)
+    if rank == 0:
+        print(
+            f"workers: {world_size}, batch sizes: {','.join(map(str, result.batch_sizes))}, "
+            f"norm: {result.norm}, steps: {result.steps}, time: {result.seconds:.1f} s"
+        )
+        print(f"test accuracy: {result.test_accuracy:.3f}")
     return 0

@@ -1,102 +1,69 @@
-"""``syncnorm demo``: SyncBatchNorm on local Gloo workers with uneven batches,
-checked against torch's BatchNorm2d on the concatenated global batch."""
+"""``syncnorm demo``: the main job on an embedded default, no cluster needed.
+
+Trains the digits CNN on 4 local Gloo workers with uneven batch sizes, once with
+syncnorm's SyncBatchNorm and once with plain per-worker BatchNorm, and once in a
+single process on the same global batches: with SyncBN (and exact uneven-batch
+gradients) the 4 workers end where the single process ends.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
-from torch import nn
-
-from syncnorm.convert import convert_sync_batchnorm
 from syncnorm.launch import run_local_group
+from syncnorm.train.config import TrainConfig, TrainResult
+from syncnorm.train.loop import train_worker
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Args:
-    batch_sizes: one per worker; uneven on purpose, zeros allowed.
-    steps: forward + backward iterations, each on a fresh batch.
-    channels: channels of the batch norm layers.
+    batch_sizes: one per worker; uneven on purpose.
+    epochs, lr, seed: as for ``syncnorm train``.
     """
 
-    batch_sizes: tuple[int, ...] = (3, 13)
-    steps: int = 20
-    channels: int = 8
+    batch_sizes: tuple[int, ...] = (2, 4, 6, 20)
+    epochs: int = 3
+    lr: float = 0.05
+    seed: int = 0
 
 
-def _model(channels: int) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels),
+def _train(rank: int, world_size: int, config: TrainConfig) -> TrainResult:
+    return train_worker(config, rank, world_size)
+
+
+def run_demo(demo: DemoConfig) -> str:
+    """Run the three trainings and return the report."""
+    base = TrainConfig(
+        batch_sizes=demo.batch_sizes, epochs=demo.epochs, lr=demo.lr, seed=demo.seed, device="cpu",
+        return_state=True,
     )  # fmt: skip
+    world = len(demo.batch_sizes)
+    sync = run_local_group(_train, world, replace(base, norm="sync"), timeout_s=600)[0]
+    local = run_local_group(_train, world, replace(base, norm="local"), timeout_s=600)[0]
+    single = train_worker(replace(base, norm="local", batch_sizes=(sum(demo.batch_sizes),), progress=False))
+    assert sync.state_dict is not None and single.state_dict is not None
+    gap = max(float((sync.state_dict[k] - v).abs().max()) for k, v in single.state_dict.items())
 
-
-def _global_batch(step: int, total: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's global input and the gradient of the loss w.r.t. the model's output."""
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(total, 3, 8, 8, generator=g) * 3 + 1, torch.randn(total, channels, 8, 8, generator=g)
-
-
-def _run(model: nn.Module, config: DemoConfig, rank: int | None) -> dict[str, torch.Tensor]:
-    """Train ``model`` on rank ``rank``'s slices (all of them when None); return what it produced."""
-    sizes = config.batch_sizes
-    lo = sum(sizes[:rank]) if rank is not None else 0
-    hi = lo + sizes[rank] if rank is not None else sum(sizes)
-    outputs, grads = [], []
-    for step in range(config.steps):
-        x, dy = _global_batch(step, sum(sizes), config.channels)
-        x = x[lo:hi].requires_grad_(True)
-        y = model(x)
-        y.backward(dy[lo:hi])
-        outputs.append(y.detach())
-        grads.append(x.grad)
-    return {
-        "outputs": torch.cat(outputs),
-        "input gradients": torch.cat(grads),
-        "running_mean": torch.cat([m.running_mean for m in model.modules() if hasattr(m, "running_mean")]),
-        "running_var": torch.cat([m.running_var for m in model.modules() if hasattr(m, "running_var")]),
-    }
-
-
-def _worker(rank: int, world_size: int, config: DemoConfig) -> tuple[dict[str, torch.Tensor], float]:
-    model = convert_sync_batchnorm(_model(config.channels))
-    start = time.perf_counter()
-    produced = _run(model, config, rank)
-    return produced, (time.perf_counter() - start) / config.steps
-
-
-def run_demo(config: DemoConfig) -> str:
-    """Run the demo and return its report."""
-    world = len(config.batch_sizes)
-    results = run_local_group(_worker, world, config, timeout_s=300)
-    reference = _run(_model(config.channels), config, None)
-    local = [_run(_model(config.channels), config, r) for r in range(world)]
-
-    def gap(key: str, per_rank: list[dict[str, torch.Tensor]]) -> float:
-        if key.startswith("running"):
-            return max(float((p[key] - reference[key]).abs().max()) for p in per_rank)
-        mine = torch.cat([_by_step(p[key], config, r) for r, p in enumerate(per_rank)], dim=1)
-        return float((mine - _by_step(reference[key], config, None)).abs().max())
-
-    synced = [r[0] for r in results]
-    lines = [
-        f"syncnorm demo: {world} Gloo workers on 127.0.0.1, batch sizes "
-        f"{', '.join(map(str, config.batch_sizes))}, {config.steps} steps, "
-        f"{config.channels}-channel batch norm layers",
-        "",
-        f"{'max |difference| to torch BatchNorm2d on the global batch':<58}{'syncnorm':>12}{'local BN':>12}",
+    sizes = ",".join(map(str, demo.batch_sizes))
+    rows = [
+        ("syncnorm SyncBatchNorm", world, sizes, sync),
+        ("torch BatchNorm per worker", world, sizes, local),
+        ("one process, global batch", 1, str(sum(demo.batch_sizes)), single),
     ]
-    for key in ("outputs", "input gradients", "running_mean", "running_var"):
-        lines.append(f"{'  ' + key:<58}{gap(key, synced):>12.2e}{gap(key, local):>12.2e}")
-    step_ms = 1e3 * max(r[1] for r in results)
-    lines += ["", f"syncnorm step time (forward + backward, slowest worker): {step_ms:.1f} ms"]
+    lines = [
+        f"syncnorm demo: digits (scikit-learn, 1,437 train / 360 test images), {demo.epochs} epochs of "
+        f"{sync.steps // demo.epochs} steps, Gloo on 127.0.0.1",
+        "",
+        f"{'run':<28}{'workers':>8}  {'batch sizes':<14}{'test accuracy':>14}{'time':>9}",
+    ]
+    for name, workers, batch, result in rows:
+        lines.append(
+            f"{name:<28}{workers:>8}  {batch:<14}{result.test_accuracy:>14.3f}{result.seconds:>8.1f}s"
+        )
+    lines += [
+        "",
+        f"largest difference between the SyncBN workers' final weights and buffers and the single "
+        f"process's: {gap:.1e}",
+    ]
     return "\n".join(lines)
-
-
-def _by_step(t: torch.Tensor, config: DemoConfig, rank: int | None) -> torch.Tensor:
-    """Rows concatenated over steps, reshaped to (steps, rows of ``rank`` or of all, ...)."""
-    rows = sum(config.batch_sizes) if rank is None else config.batch_sizes[rank]
-    return t.reshape(config.steps, rows, *t.shape[1:])

@@ -106,7 +106,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, batch.mean, invstd, batch.count)
         ctx.reducer = reducer
         ctx.layer = layer
-        ctx.mark_non_differentiable(*(t for t in (running_mean, running_var) if t is not None))
         return y.to(x.dtype, memory_format=memory_format_of(x))
 
     @staticmethod

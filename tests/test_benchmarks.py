@@ -24,3 +24,20 @@ def test_overhead_benchmark_reports_every_size_and_ratio() -> None:
         assert r["floor_ms"] > 0 and r["syncnorm_ms"] > 0 and r["local_bn_ms"] > 0
         expected = (r["syncnorm_ms"] - r["local_bn_ms"]) / r["floor_ms"]
         assert abs(r["overhead_over_floor"] - expected) < 1e-2
+
+
+def test_small_batch_benchmark_reports_table_json_and_plot(tmp_path: Path) -> None:
+    plot, raw = tmp_path / "plot.png", tmp_path / "raw.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.small_batch", "--workers", "2", "--per-worker", "8",
+         "--epochs", "1", "--seeds", "0", "--plot", str(plot), "--json", str(raw)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(raw.read_text())
+    assert [(r["norm"], r["workers"], r["batch_per_worker"]) for r in rows] == [
+        ("local", 2, 8), ("sync", 2, 8), ("one process", 1, 4),
+    ]  # fmt: skip
+    assert all(0.0 <= a <= 1.0 for r in rows for a in r["accuracies"])
+    assert "| syncnorm SyncBatchNorm | 2 x 8 | 16 |" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,30 +1,93 @@
-"""The command line and the README's promises about it."""
+"""The command line, torchrun, and the README's promises about them."""
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from syncnorm.train.model import digits_cnn
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _syncnorm(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "syncnorm", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_demo_is_exact_and_local_bn_is_not() -> None:
-    result = _syncnorm("demo", "--batch-sizes", "5,0,2", "--steps", "3")
+def _syncnorm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return _run(sys.executable, "-m", "syncnorm", *args, timeout=timeout)
+
+
+def _accuracy(stdout: str) -> float:
+    match = re.search(r"^test accuracy: (\d\.\d{3})$", stdout, re.MULTILINE)
+    assert match, stdout
+    return float(match.group(1))
+
+
+def test_demo_syncbn_workers_end_where_one_process_ends() -> None:
+    result = _syncnorm("demo", "--epochs", "1")
     assert result.returncode == 0, result.stderr
-    assert "3 Gloo workers" in result.stdout
-    for key in ("outputs", "input gradients", "running_mean", "running_var"):
-        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(key))
-        synced, local = (float(v) for v in re.findall(r"\d\.\d+e[+-]\d+", line))
-        assert synced < 1e-5, line
-        assert local > 1e-3, line
+    rows = {
+        line[:28].strip(): line.split()
+        for line in result.stdout.splitlines()
+        if line[:4] in ("sync", "torc", "one ")
+    }
+    sync, local, single = (
+        rows["syncnorm SyncBatchNorm"],
+        rows["torch BatchNorm per worker"],
+        rows["one process, global batch"],
+    )
+    assert sync[-3] == "2,4,6,20" and single[-3] == "32"
+    assert sync[-2] == single[-2]  # same test accuracy
+    gap = float(re.search(r"single process's: (\S+)$", result.stdout, re.MULTILINE).group(1))
+    assert gap < 1e-4
+    assert float(local[-2]) <= 1.0
+
+
+def test_train_one_process_prints_accuracy_and_writes_a_torch_bn_checkpoint(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "digits.pt"
+    result = _syncnorm("train", "--epochs", "2", "--no-progress", "--checkpoint", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert _accuracy(result.stdout) > 0.8
+    plain = digits_cnn()  # built with torch.nn.BatchNorm2d
+    plain.load_state_dict(torch.load(checkpoint))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_workers_uneven_batches_equal_one_process(tmp_path: Path) -> None:
+    distributed, single = tmp_path / "two.pt", tmp_path / "one.pt"
+    port = _free_port()
+    result = _run(
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(port),
+        "-m", "syncnorm", "train", "--batch-sizes", "8,24", "--epochs", "1", "--no-progress",
+        "--device", "cpu", "--checkpoint", str(distributed),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "workers: 2, batch sizes: 8,24" in result.stdout
+    reference = _syncnorm("train", "--batch-sizes", "32", "--epochs", "1", "--no-progress", "--norm", "local",
+                          "--checkpoint", str(single))  # fmt: skip
+    assert reference.returncode == 0, reference.stderr
+    assert _accuracy(result.stdout) == _accuracy(reference.stdout)
+    two, one = torch.load(distributed), torch.load(single)
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_train_rejects_a_batch_size_count_that_does_not_fit_the_workers() -> None:
+    result = _syncnorm("train", "--batch-sizes", "8,24", "--no-progress")
+    assert result.returncode == 2
+    assert "gives 2 sizes for 1 worker(s)" in result.stderr
 
 
 def test_demo_rejects_bad_batch_sizes_with_a_usage_error() -> None:

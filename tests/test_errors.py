@@ -102,3 +102,21 @@ def test_reducer_needs_process_group() -> None:
 
 def test_mismatch_error_is_a_runtime_error() -> None:
     assert issubclass(LayerMismatchError, RuntimeError)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-3"])
+def test_bad_timeout_setting_is_rejected(monkeypatch, value: str) -> None:
+    from syncnorm.transports.torch_distributed import timeout_from_env
+
+    monkeypatch.setenv("SYNCNORM_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match="SYNCNORM_TIMEOUT_S must be a positive number of seconds"):
+        timeout_from_env()
+
+
+def test_timeout_setting_is_read(monkeypatch) -> None:
+    from syncnorm.transports.torch_distributed import DEFAULT_TIMEOUT_S, timeout_from_env
+
+    monkeypatch.delenv("SYNCNORM_TIMEOUT_S", raising=False)
+    assert timeout_from_env() == DEFAULT_TIMEOUT_S < 30 * 60
+    monkeypatch.setenv("SYNCNORM_TIMEOUT_S", "2.5")
+    assert timeout_from_env() == 2.5

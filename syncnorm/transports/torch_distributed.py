@@ -198,9 +198,9 @@ class TorchDistributedReducer(StatsReducer):
             call = self._calls[(layer.instance, direction)]
             raise SynchronizationError(
                 f"{layer.describe()}: {direction} synchronization (call {call} of this layer) failed on "
-                f"rank {self.rank}: {error}. A peer died, hung, or stopped calling this layer; waits are "
-                f"bounded by {self.timeout_s:g} s (SYNCNORM_TIMEOUT_S). For workers that run out of data "
-                "early, see syncnorm.SyncBatchNormJoin."
+                f"rank {self.rank} ({str(error).strip()}). A peer died, hung, or stopped calling this "
+                f"layer; waits are bounded by {self.timeout_s:g} s (SYNCNORM_TIMEOUT_S). For workers that "
+                "run out of data early, see syncnorm.SyncBatchNormJoin."
             ) from error
 
     def _all_reduce_signed(self, body: Tensor, sig: float, layer: LayerKey, direction: str) -> Tensor:

@@ -1,0 +1,71 @@
+"""What a training run is asked to do, and what it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Norm = Literal["sync", "local"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Args:
+    batch_sizes: one batch size per worker (a single value is used for all).
+    epochs: passes over the training split.
+    lr: SGD learning rate (momentum 0.9, weight decay 5e-4).
+    seed: seeds the split, the initial weights and the batch order.
+    norm: ``"sync"`` (syncnorm.SyncBatchNorm, exact global-batch gradients) or
+        ``"local"`` (plain torch BatchNorm per worker, DDP's equal-weight average).
+    checkpoint: where rank 0 saves the state_dict (loads into the same model
+        built with ``torch.nn.BatchNorm2d``).
+    precise_bn_batches: recompute running statistics over this many batches
+        per worker with :func:`syncnorm.precise_bn` before testing (0: off).
+    coordinator, report_every, run_id: reporting to a syncnorm coordinator.
+    device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (CUDA when available).
+    progress: show a progress bar on rank 0.
+    return_state: rank 0's result carries the final state_dict (for comparisons).
+    """
+
+    batch_sizes: tuple[int, ...] = (32,)
+    epochs: int = 5
+    lr: float = 0.05
+    seed: int = 0
+    norm: Norm = "sync"
+    checkpoint: str | None = None
+    precise_bn_batches: int = 0
+    coordinator: str | None = None
+    report_every: int = 10
+    run_id: str = "syncnorm"
+    device: str = "auto"
+    progress: bool = True
+    return_state: bool = False
+
+    def sizes_for(self, world_size: int) -> tuple[int, ...]:
+        """Per-worker batch sizes for ``world_size`` workers, validated."""
+        sizes = self.batch_sizes * world_size if len(self.batch_sizes) == 1 else self.batch_sizes
+        if len(sizes) != world_size:
+            raise ValueError(
+                f"--batch-sizes gives {len(sizes)} sizes for {world_size} worker(s): "
+                "give one per worker or a single size for all"
+            )
+        if min(sizes) < 0 or sum(sizes) < 2:
+            raise ValueError(f"batch sizes must be >= 0 and add up to at least 2, got {list(sizes)}")
+        if self.norm == "local" and min(sizes) < 1:
+            raise ValueError("--norm local needs every worker's batch size >= 1 (plain BN cannot train on 0)")
+        return sizes
+
+
+@dataclass
+class TrainResult:
+    """What one worker saw; every worker computes the same test accuracy."""
+
+    rank: int
+    world_size: int
+    batch_sizes: tuple[int, ...]
+    norm: str
+    test_accuracy: float
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    state_dict: dict[str, Any] | None = None  # rank 0's final model, when asked for

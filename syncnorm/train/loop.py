@@ -1,0 +1,112 @@
+"""One worker's training loop; the process group, if any, is already initialized."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from syncnorm.convert import convert_sync_batchnorm
+from syncnorm.precise_bn import precise_bn
+from syncnorm.train.config import TrainConfig, TrainResult
+from syncnorm.train.data import Digits, load_digits, steps_per_epoch, worker_batch
+from syncnorm.train.model import digits_cnn
+from syncnorm.uneven import GlobalBatchMean
+
+
+def resolve_device(name: str, rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    if name != "cpu":
+        raise ValueError(f"--device must be cpu, cuda or auto, got {name!r}")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, data: Digits, device: torch.device) -> float:
+    """Accuracy on the held-out split, in eval mode (running statistics, no communication)."""
+    was_training = model.training
+    model.eval()
+    predicted = model(data.test_x.to(device)).argmax(1).cpu()
+    model.train(was_training)
+    return float((predicted == data.test_y).float().mean())
+
+
+def train_worker(config: TrainConfig, rank: int = 0, world_size: int = 1) -> TrainResult:
+    """Train the digits CNN as worker ``rank`` of ``world_size`` and test it."""
+    sizes = config.sizes_for(world_size)
+    device = resolve_device(config.device, rank)
+    data = load_digits(config.seed)
+    model: nn.Module = digits_cnn(seed=config.seed)
+    if config.norm == "sync":
+        model = convert_sync_batchnorm(model)
+    model.to(device)
+    distributed = world_size > 1
+    trained = DistributedDataParallel(model) if distributed else model
+    global_mean = GlobalBatchMean(trained) if config.norm == "sync" else None
+    optimizer = torch.optim.SGD(trained.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
+    steps = steps_per_epoch(len(data.train_y), sizes)
+    if steps == 0:
+        raise ValueError(
+            f"the global batch of {sum(sizes)} is larger than the {len(data.train_y)} training images"
+        )
+    if config.coordinator and rank == 0:
+        print(
+            f"note: --coordinator {config.coordinator} given; reporting to a coordinator is not available "
+            "in this version, training goes on without it",
+            file=sys.stderr,
+        )
+
+    progress = _progress(config, rank, config.epochs * steps)
+    losses: list[float] = []
+    started = time.perf_counter()
+    for epoch in range(config.epochs):
+        for step in range(steps):
+            x, y = worker_batch(data, sizes, rank, epoch, step, config.seed)
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            out = trained(x)
+            if global_mean is not None:
+                loss = global_mean(F.cross_entropy(out, y, reduction="none"))
+                losses.append(global_mean.last_mean_loss)
+            else:
+                loss = F.cross_entropy(out, y)
+                losses.append(float(loss.detach()))
+            loss.backward()
+            optimizer.step()
+            if progress is not None:
+                progress.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
+                progress.update()
+    if progress is not None:
+        progress.close()
+    if config.precise_bn_batches and config.norm == "sync":
+        batches = (worker_batch(data, sizes, rank, 0, s, config.seed)[0].to(device) for s in range(steps))
+        precise_bn(model, batches, num_batches=config.precise_bn_batches)
+    seconds = time.perf_counter() - started
+    accuracy = test_accuracy(model, data, device)
+    if config.checkpoint and rank == 0:
+        torch.save(model.state_dict(), config.checkpoint)
+    if distributed:
+        dist.barrier()  # nobody leaves while rank 0 still writes
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainResult(
+        rank, world_size, sizes, config.norm, accuracy, config.epochs * steps, seconds, losses,
+        state if config.return_state and rank == 0 else None,
+    )  # fmt: skip
+
+
+def _progress(config: TrainConfig, rank: int, total: int):  # noqa: ANN202 - tqdm or None
+    if rank != 0 or not config.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"train ({config.norm} BN)", unit="step", file=sys.stderr, leave=False)
