@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precise-bn", type=int, default=0, metavar="BATCHES",
                        help="recompute running stats exactly over this many batches per worker")  # fmt: skip
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     train.add_argument("--coordinator", metavar="HOST:PORT", help="syncnorm coordinator to report to")
     train.add_argument("--report-every", type=_positive_int, default=10, metavar="K")
     train.add_argument("--run-id", default="syncnorm")
@@ -85,7 +86,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = TrainConfig(
         batch_sizes=args.batch_sizes, epochs=args.epochs, lr=args.lr, seed=args.seed, norm=args.norm,
         checkpoint=args.checkpoint, precise_bn_batches=args.precise_bn, coordinator=args.coordinator,
-        report_every=args.report_every, run_id=args.run_id, device=args.device,
+        report_every=args.report_every, run_id=args.run_id, device=args.device, dtype=args.dtype,
         progress=not args.no_progress,
     )  # fmt: skip
     rank, world_size = init_from_env(args.device)

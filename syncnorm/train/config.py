@@ -13,7 +13,8 @@ class TrainConfig:
     """Args:
     batch_sizes: one batch size per worker (a single value is used for all).
     epochs: passes over the training split.
-    lr: SGD learning rate (momentum 0.9, weight decay 5e-4).
+    lr: initial SGD learning rate (momentum 0.9, weight decay 5e-4), decayed to
+        zero over the run on a cosine.
     seed: seeds the split, the initial weights and the batch order.
     norm: ``"sync"`` (syncnorm.SyncBatchNorm, exact global-batch gradients) or
         ``"local"`` (plain torch BatchNorm per worker, DDP's equal-weight average).
@@ -23,6 +24,7 @@ class TrainConfig:
         per worker with :func:`syncnorm.precise_bn` before testing (0: off).
     coordinator, report_every, run_id: reporting to a syncnorm coordinator.
     device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (CUDA when available).
+    dtype: ``"float32"`` or ``"float64"`` for the weights and inputs.
     progress: show a progress bar on rank 0.
     return_state: rank 0's result carries the final state_dict (for comparisons).
     """
@@ -38,6 +40,7 @@ class TrainConfig:
     report_every: int = 10
     run_id: str = "syncnorm"
     device: str = "auto"
+    dtype: str = "float32"
     progress: bool = True
     return_state: bool = False
 

@@ -32,11 +32,11 @@ def resolve_device(name: str, rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, data: Digits, device: torch.device) -> float:
+def test_accuracy(model: nn.Module, data: Digits, device: torch.device, dtype: torch.dtype) -> float:
     """Accuracy on the held-out split, in eval mode (running statistics, no communication)."""
     was_training = model.training
     model.eval()
-    predicted = model(data.test_x.to(device)).argmax(1).cpu()
+    predicted = model(data.test_x.to(device=device, dtype=dtype)).argmax(1).cpu()
     model.train(was_training)
     return float((predicted == data.test_y).float().mean())
 
@@ -49,7 +49,10 @@ def train_worker(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Tra
     model: nn.Module = digits_cnn(seed=config.seed)
     if config.norm == "sync":
         model = convert_sync_batchnorm(model)
-    model.to(device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"--dtype must be float32 or float64, got {config.dtype!r}")
+    model.to(device=device, dtype=dtype)
     distributed = world_size > 1
     trained = DistributedDataParallel(model) if distributed else model
     global_mean = GlobalBatchMean(trained) if config.norm == "sync" else None
@@ -66,13 +69,15 @@ def train_worker(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Tra
             file=sys.stderr,
         )
 
+    # Cosine decay to zero: the final weights are not one noisy iterate of a constant-lr walk.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
     progress = _progress(config, rank, config.epochs * steps)
     losses: list[float] = []
     started = time.perf_counter()
     for epoch in range(config.epochs):
         for step in range(steps):
             x, y = worker_batch(data, sizes, rank, epoch, step, config.seed)
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device=device, dtype=dtype), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             out = trained(x)
             if global_mean is not None:
@@ -83,16 +88,20 @@ def train_worker(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Tra
                 losses.append(float(loss.detach()))
             loss.backward()
             optimizer.step()
+            schedule.step()
             if progress is not None:
                 progress.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
                 progress.update()
     if progress is not None:
         progress.close()
     if config.precise_bn_batches and config.norm == "sync":
-        batches = (worker_batch(data, sizes, rank, 0, s, config.seed)[0].to(device) for s in range(steps))
+        batches = (
+            worker_batch(data, sizes, rank, 0, s, config.seed)[0].to(device=device, dtype=dtype)
+            for s in range(steps)
+        )
         precise_bn(model, batches, num_batches=config.precise_bn_batches)
     seconds = time.perf_counter() - started
-    accuracy = test_accuracy(model, data, device)
+    accuracy = test_accuracy(model, data, device, dtype)
     if config.checkpoint and rank == 0:
         torch.save(model.state_dict(), config.checkpoint)
     if distributed:
