@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--report-every", type=_positive_int, default=10, metavar="K")
     train.add_argument("--run-id", default="syncnorm")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = train.add_argument_group("Ray", "run under Ray Train instead of torchrun")
+    ray.add_argument("--ray", action="store_true", help="train on Ray Train workers")
+    ray.add_argument("--num-workers", type=_positive_int, default=2, help="Ray workers (default 2)")
+    ray.add_argument("--address", help="an existing Ray cluster (default: start a local one here)")
+    ray.add_argument(
+        "--transport", choices=("torch", "actor"), default="torch",
+        help="SyncBN statistics over Ray's process group (torch) or through a Ray actor (actor)",
+    )  # fmt: skip
     return parser
 
 
@@ -79,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _train(parser, args)
 
 
+def _check_sizes(parser: argparse.ArgumentParser, config: object, world_size: int) -> None:
+    try:
+        config.sizes_for(world_size)  # type: ignore[attr-defined]
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from syncnorm.train import TrainConfig, train_worker
     from syncnorm.train.launch_env import init_from_env
@@ -89,12 +104,18 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         report_every=args.report_every, run_id=args.run_id, device=args.device, dtype=args.dtype,
         progress=not args.no_progress,
     )  # fmt: skip
-    rank, world_size = init_from_env(args.device)
-    try:
-        config.sizes_for(world_size)
-    except ValueError as error:
-        parser.error(str(error))
-    result = train_worker(config, rank, world_size)
+    if args.ray:
+        from syncnorm.train.on_ray import train_on_ray
+
+        rank, world_size = 0, args.num_workers
+        _check_sizes(parser, config, world_size)
+        result = train_on_ray(config, args.num_workers, args.transport, args.address)
+    else:
+        if args.transport != "torch" or args.address:
+            parser.error("--transport and --address go with --ray")
+        rank, world_size = init_from_env(args.device)
+        _check_sizes(parser, config, world_size)
+        result = train_worker(config, rank, world_size)
     if rank == 0:
         print(
             f"workers: {world_size}, batch sizes: {','.join(map(str, result.batch_sizes))}, "

@@ -16,6 +16,7 @@ from syncnorm.precise_bn import precise_bn
 from syncnorm.train.config import TrainConfig, TrainResult
 from syncnorm.train.data import Digits, load_digits, steps_per_epoch, worker_batch
 from syncnorm.train.model import digits_cnn
+from syncnorm.transports.base import StatsReducer
 from syncnorm.uneven import GlobalBatchMean
 
 
@@ -41,14 +42,20 @@ def test_accuracy(model: nn.Module, data: Digits, device: torch.device, dtype: t
     return float((predicted == data.test_y).float().mean())
 
 
-def train_worker(config: TrainConfig, rank: int = 0, world_size: int = 1) -> TrainResult:
-    """Train the digits CNN as worker ``rank`` of ``world_size`` and test it."""
+def train_worker(
+    config: TrainConfig, rank: int = 0, world_size: int = 1, reducer: StatsReducer | None = None
+) -> TrainResult:
+    """Train the digits CNN as worker ``rank`` of ``world_size`` and test it.
+
+    ``reducer``: the SyncBN transport (default: the torch.distributed group);
+    gradients are averaged by DDP over the default process group either way.
+    """
     sizes = config.sizes_for(world_size)
     device = resolve_device(config.device, rank)
     data = load_digits(config.seed)
     model: nn.Module = digits_cnn(seed=config.seed)
     if config.norm == "sync":
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, reducer=reducer)
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.dtype)
     if dtype is None:
         raise ValueError(f"--dtype must be float32 or float64, got {config.dtype!r}")
