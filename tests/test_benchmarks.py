@@ -41,3 +41,15 @@ def test_small_batch_benchmark_reports_table_json_and_plot(tmp_path: Path) -> No
     assert all(0.0 <= a <= 1.0 for r in rows for a in r["accuracies"])
     assert "| syncnorm SyncBatchNorm | 2 x 8 | 16 |" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transport_benchmark_reports_gloo_and_actor_side_by_side() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.transports", "--world-sizes", "2", "--channels", "8",
+         "--rounds", "5"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 2 | 8 |"))
+    values = [float(v) for v in row.strip("|").split("|")[2:]]
+    assert len(values) == 4 and all(v > 0 for v in values)

@@ -102,5 +102,5 @@ def test_ci_runs_the_readme_test_command() -> None:
     extracted = subprocess.run(
         ["bash", "scripts/readme-test-command.sh"], capture_output=True, text=True, cwd=ROOT, check=True
     ).stdout.strip()
-    assert extracted == block.strip() == "bash scripts/install.sh dev && python -m pytest"
+    assert extracted == block.strip() == "bash scripts/install.sh dev,ray && python -m pytest"
     assert "scripts/readme-test-command.sh" in (ROOT / ".ci" / "run").read_text()
