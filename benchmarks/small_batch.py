@@ -21,22 +21,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from syncnorm.launch import run_local_group
-from syncnorm.train.config import TrainConfig, TrainResult
-from syncnorm.train.loop import train_worker
+from syncnorm.train.config import TrainConfig
+from syncnorm.train.loop import train_rank, train_worker
 
 WORKERS = 8
 PER_WORKER = (1, 2, 4, 8)
 LABELS = {"local": "torch BatchNorm per worker", "sync": "syncnorm SyncBatchNorm"}
 
 
-def _train(rank: int, world_size: int, config: TrainConfig) -> TrainResult:
-    return train_worker(config, rank, world_size)
-
-
 def _accuracy(config: TrainConfig, workers: int) -> float:
     if workers == 1:
         return train_worker(config).test_accuracy
-    return run_local_group(_train, workers, config, timeout_s=1800)[0].test_accuracy
+    return run_local_group(train_rank, workers, config, timeout_s=1800)[0].test_accuracy
 
 
 def measure(epochs: int, seeds: list[int], workers: int, per_worker: tuple[int, ...]) -> list[dict]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from syncnorm.launch import run_local_group
-from syncnorm.train.config import TrainConfig, TrainResult
-from syncnorm.train.loop import train_worker
+from syncnorm.train.config import TrainConfig
+from syncnorm.train.loop import train_rank, train_worker
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,6 @@ class DemoConfig:
     seed: int = 0
 
 
-def _train(rank: int, world_size: int, config: TrainConfig) -> TrainResult:
-    return train_worker(config, rank, world_size)
-
-
 def run_demo(demo: DemoConfig) -> str:
     """Run the three trainings and return the report."""
     base = TrainConfig(
@@ -42,8 +38,8 @@ def run_demo(demo: DemoConfig) -> str:
         return_state=True, dtype="float64",
     )  # fmt: skip
     world = len(demo.batch_sizes)
-    sync = run_local_group(_train, world, replace(base, norm="sync"), timeout_s=600)[0]
-    local = run_local_group(_train, world, replace(base, norm="local"), timeout_s=600)[0]
+    sync = run_local_group(train_rank, world, replace(base, norm="sync"), timeout_s=600)[0]
+    local = run_local_group(train_rank, world, replace(base, norm="local"), timeout_s=600)[0]
     single = train_worker(replace(base, norm="local", batch_sizes=(sum(demo.batch_sizes),), progress=False))
     assert sync.state_dict is not None and single.state_dict is not None
     gap = max(float((sync.state_dict[k] - v).abs().max()) for k, v in single.state_dict.items())

@@ -3,6 +3,7 @@ concatenation of every rank's batch."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -177,3 +178,10 @@ def assert_matches_reference(traces: list[Trace], reference: Trace, case: Case) 
         lo, hi = case.sizes[:rank], case.sizes[: rank + 1]
         ref_eval = reference.eval_output[sum(lo) : sum(hi)]
         torch.testing.assert_close(t.eval_output, ref_eval.to(case.dtype), **tol)
+
+
+def printed_accuracy(stdout: str) -> float:
+    """The ``test accuracy: 0.xxx`` line that ``syncnorm train`` prints on rank 0."""
+    match = re.search(r"^test accuracy: (\d\.\d{3})$", stdout, re.MULTILINE)
+    assert match, stdout
+    return float(match.group(1))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -19,14 +18,10 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from syncnorm.launch import free_loopback_port
+
 COLLECTIVE_TIMEOUT_S = 60
 """Gloo's own bound on a collective inside the workers (its default is 30 minutes)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
@@ -61,7 +56,7 @@ class RankPool:
         self.world_size = world_size
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
-        port = free_port()
+        port = free_loopback_port()
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         self._procs = [
             ctx.Process(

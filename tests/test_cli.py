@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from syncnorm.launch import free_loopback_port
 from syncnorm.train.model import digits_cnn
+from tests.cases import printed_accuracy as _accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,12 +22,6 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 def _syncnorm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return _run(sys.executable, "-m", "syncnorm", *args, timeout=timeout)
-
-
-def _accuracy(stdout: str) -> float:
-    match = re.search(r"^test accuracy: (\d\.\d{3})$", stdout, re.MULTILINE)
-    assert match, stdout
-    return float(match.group(1))
 
 
 def test_demo_syncbn_workers_end_where_one_process_ends() -> None:
@@ -58,15 +53,9 @@ def test_train_one_process_prints_accuracy_and_writes_a_torch_bn_checkpoint(tmp_
     plain.load_state_dict(torch.load(checkpoint))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_workers_uneven_batches_equal_one_process(tmp_path: Path) -> None:
     distributed, single = tmp_path / "two.pt", tmp_path / "one.pt"
-    port = _free_port()
+    port = free_loopback_port()
     result = _run(
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(port),

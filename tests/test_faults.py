@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import syncnorm
-from tests.ranks import free_port
+from syncnorm.launch import free_loopback_port
 
 FAIL_AT_STEP = 3
 BOUND_S = 3.0
@@ -49,7 +49,7 @@ def _train_until_fault(rank: int, port: int, fault: str, results: mp.Queue) -> N
 def test_survivor_raises_naming_layer_and_call_within_the_bound(fault: str) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    port = free_loopback_port()
     procs = [ctx.Process(target=_train_until_fault, args=(r, port, fault, results)) for r in range(2)]
     for p in procs:
         p.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ ray = pytest.importorskip("ray")
 
 import syncnorm  # noqa: E402
 from syncnorm.transports.ray_actor import ActorReducer, start_aggregator  # noqa: E402
+from tests.cases import printed_accuracy as _accuracy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,12 +147,6 @@ def test_an_aggregator_restart_fails_the_run_instead_of_giving_wrong_statistics(
     with pytest.raises(syncnorm.SynchronizationError, match="restart"):
         for _ in range(20):  # calls during the restart fail too; none may succeed silently
             reducer.sum_across_workers(torch.ones(4), key)
-
-
-def _accuracy(stdout: str) -> float:
-    match = re.search(r"^test accuracy: (\d\.\d{3})$", stdout, re.MULTILINE)
-    assert match, stdout
-    return float(match.group(1))
 
 
 @pytest.mark.parametrize("transport", ["actor", "torch"])

@@ -120,6 +120,11 @@ def train_worker(
     )  # fmt: skip
 
 
+def train_rank(rank: int, world_size: int, config: TrainConfig) -> TrainResult:
+    """:func:`train_worker` with the argument order of :func:`syncnorm.launch.run_local_group`."""
+    return train_worker(config, rank, world_size)
+
+
 def _progress(config: TrainConfig, rank: int, total: int):  # noqa: ANN202 - tqdm or None
     if rank != 0 or not config.progress:
         return None
