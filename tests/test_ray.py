@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,22 +92,22 @@ def test_actor_transport_equals_batchnorm_on_the_concatenated_batch() -> None:
 def test_late_and_duplicated_messages_are_rejected() -> None:
     aggregator = start_aggregator()
     key = ("run", 0, "layer|2", "backward", 1)
-    first = aggregator.reduce.remote(key, 0, 2, "sum", torch.ones(2, dtype=torch.float64), 30.0)
+    first = aggregator.reduce.remote(key, 0, 2, "sum", np.ones(2), 30.0)
     deadline = time.monotonic() + 30
     while ray.get(aggregator.stats.remote())["pending_rounds"] == 0:  # calls may start in any order
         assert time.monotonic() < deadline
         time.sleep(0.05)
     with pytest.raises(Exception, match="contributed twice"):
-        ray.get(aggregator.reduce.remote(key, 0, 2, "sum", torch.ones(2, dtype=torch.float64), 30.0))
-    second = aggregator.reduce.remote(key, 1, 2, "sum", 2 * torch.ones(2, dtype=torch.float64), 30.0)
+        ray.get(aggregator.reduce.remote(key, 0, 2, "sum", np.ones(2), 30.0))
+    second = aggregator.reduce.remote(key, 1, 2, "sum", 2 * np.ones(2), 30.0)
     for _incarnation, total in ray.get([first, second], timeout=60):
-        assert torch.equal(total, torch.full((2,), 3.0, dtype=torch.float64))
+        assert np.array_equal(total, np.full(2, 3.0))
     with pytest.raises(Exception, match="late or duplicated message for a finished round"):
-        ray.get(aggregator.reduce.remote(key, 1, 2, "sum", torch.ones(2, dtype=torch.float64), 30.0))
+        ray.get(aggregator.reduce.remote(key, 1, 2, "sum", np.ones(2), 30.0))
     other_run = ("other run", 0, "layer|2", "backward", 1)  # one actor serves several runs
-    refs = [aggregator.reduce.remote(other_run, w, 2, "sum", torch.ones(2, dtype=torch.float64), 30.0)
+    refs = [aggregator.reduce.remote(other_run, w, 2, "sum", np.ones(2), 30.0)
             for w in range(2)]  # fmt: skip
-    assert all(torch.equal(t, torch.full((2,), 2.0, dtype=torch.float64)) for _, t in ray.get(refs))
+    assert all(np.array_equal(t, np.full(2, 2.0)) for _, t in ray.get(refs))
     stats = ray.get(aggregator.stats.remote())
     assert stats["rejected_duplicate"] == 1 and stats["rejected_late"] == 1 and stats["pending_rounds"] == 0
 
