@@ -87,9 +87,7 @@ def test_demo_rejects_bad_batch_sizes_with_a_usage_error() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- test-command", 1)[1].split("```sh\n", 1)[1].split("\n", 1)[0]
-    extracted = subprocess.run(
-        ["bash", "scripts/readme-test-command.sh"], capture_output=True, text=True, cwd=ROOT, check=True
-    ).stdout.strip()
-    assert extracted == block.strip() == "bash scripts/install.sh dev,ray && python -m pytest"
-    assert "scripts/readme-test-command.sh" in (ROOT / ".ci" / "run").read_text()
+    command = readme.split("<!-- test-command", 1)[1].split("```sh\n", 1)[1].split("\n", 1)[0]
+    assert command == "bash scripts/install.sh dev,ray && python -m pytest"
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci_lines[-1] == command  # CI's last step is exactly the user's command

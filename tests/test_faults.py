@@ -35,7 +35,8 @@ def _train_until_fault(rank: int, port: int, fault: str, results: mp.Queue) -> N
         if rank == 1 and step == FAIL_AT_STEP:
             if fault == "killed":
                 os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(60)  # hung: alive, but never comes
+            for _ in range(120):  # hung: alive but never comes, until the test kills it (bounded)
+                time.sleep(0.5)
         started = time.monotonic()
         try:
             model(torch.randn(4, 1, 6, 6)).sum().backward()
