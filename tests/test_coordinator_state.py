@@ -1,0 +1,150 @@
+"""Report validation and per-run state, against statistics computed directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncnorm.coordinator.state import InvalidReport, RunState, parse_report
+from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, ReportRequest
+
+
+def _batch(seed: int, n: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def _request(worker: str, step: int, x: torch.Tensor, **overrides: object) -> ReportRequest:
+    layer = LayerStats(
+        layer="bn1", count=x.shape[0], mean=x.mean(0).tolist(), var=x.var(0, correction=0).tolist(),
+        running_mean=[0.0] * x.shape[1], running_var=[1.0] * x.shape[1],
+    )  # fmt: skip
+    fields = {"run_id": "run", "worker_id": worker, "step": step, "device_kind": "cpu",
+              "batch_size": x.shape[0], "step_time_seconds": 0.1, "layers": [layer]}  # fmt: skip
+    fields.update(overrides)
+    return ReportRequest(**fields)
+
+
+def test_global_statistics_are_the_merge_of_the_latest_reports() -> None:
+    run = RunState("run")
+    a, b = _batch(0, 8), _batch(1, 24)
+    run.apply(parse_report(_request("w0", 10, _batch(9, 5))), now=0.0)  # superseded by the next one
+    run.apply(parse_report(_request("w0", 20, a)), now=1.0)
+    run.apply(parse_report(_request("w1", 20, b)), now=1.0)
+    merged = run.global_stats("bn1", now=2.0)
+    both = torch.cat([a, b])
+    torch.testing.assert_close(merged.mean, both.mean(0))
+    torch.testing.assert_close(merged.biased_var, both.var(0, correction=0))
+    every = torch.cat([_batch(9, 5), a, b])  # the cumulative estimate keeps every report
+    torch.testing.assert_close(run.layers["bn1"].cumulative.mean, every.mean(0))
+    torch.testing.assert_close(run.layers["bn1"].cumulative.unbiased_var, every.var(0))
+    assert run.batch_sizes(now=2.0) == {"w0": 8, "w1": 24}
+    assert run.reports == 3 and run.latest_step == 20
+
+
+def test_a_shifted_worker_shows_its_drift_and_staleness_ages_workers_out() -> None:
+    run = RunState("run", stale_after_s=30)
+    for w in range(3):
+        run.apply(parse_report(_request(f"w{w}", 1, _batch(w, 4000, shift=2.0 if w == 2 else 0.0))), now=0.0)
+    drift, _ = run.drift("w2", now=1.0)
+    normal, _ = run.drift("w0", now=1.0)
+    # mixture of thirds: global mean 2/3, global variance 1 + 8/9
+    assert drift == pytest.approx((4 / 3) / math.sqrt(1 + 8 / 9), rel=0.05)
+    assert normal == pytest.approx((2 / 3) / math.sqrt(1 + 8 / 9), rel=0.1)
+    assert max(run.layer_drift(now=1.0).values()) == pytest.approx(drift)
+    assert set(run.live(now=31.0)) == set()
+
+
+def test_ema_follows_the_merged_step_statistics() -> None:
+    run = RunState("run", momentum=0.5)
+    first, second = _batch(0, 50), _batch(1, 50, shift=1.0)
+    run.apply(parse_report(_request("w0", 1, first)), now=0.0)
+    run.apply(parse_report(_request("w0", 2, second)), now=0.0)
+    expected = 0.5 * first.mean(0) + 0.5 * second.mean(0)
+    torch.testing.assert_close(run.layers["bn1"].ema_mean, expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"run_id": ""}, "bad_id"),
+        ({"batch_size": -1}, "negative"),
+        ({"step_time_seconds": math.nan}, "bad_step_time"),
+        ({"layers": [LayerStats(layer="bn1", count=4, mean=[0.0, math.inf], var=[1.0, 1.0])]}, "not_finite"),
+        ({"layers": [LayerStats(layer="bn1", count=4, mean=[0.0], var=[1.0, 1.0])]}, "bad_shape"),
+        ({"layers": [LayerStats(layer="bn1", count=4, mean=[0.0], var=[-1.0])]}, "negative"),
+        ({"layers": [LayerStats(layer="bn1", count=-4, mean=[0.0], var=[1.0])]}, "negative"),
+        ({"layers": [LayerStats(layer="", count=4, mean=[0.0], var=[1.0])]}, "bad_layer_name"),
+        ({"layers": [LayerStats(layer=f"l{i}", count=1, mean=[0.0], var=[0.0]) for i in range(1025)]},
+         "too_many_layers"),
+    ],
+)  # fmt: skip
+def test_bad_reports_are_rejected_with_a_reason(change: dict, reason: str) -> None:
+    with pytest.raises(InvalidReport) as info:
+        parse_report(_request("w0", 1, _batch(0, 4), **change))
+    assert info.value.reason == reason
+
+
+def test_a_layer_may_not_change_its_channel_count() -> None:
+    run = RunState("run")
+    run.apply(parse_report(_request("w0", 1, _batch(0, 4))), now=0.0)
+    narrower = _request("w1", 1, _batch(1, 4)[:, :2])
+    with pytest.raises(InvalidReport, match="had 4 channels, now 2") as info:
+        parse_report(narrower, run.channels())
+    assert info.value.reason == "shape_changed"
+    assert run.reports == 1 and set(run.workers) == {"w0"}
+
+
+def test_mismatch_recommendations_and_divergence() -> None:
+    run = RunState("run")
+    run.apply(parse_report(_request("w0", 1, _batch(0, 8), step_time_seconds=0.1)), now=0.0)
+    slow = _request("w1", 1, _batch(1, 24), step_time_seconds=0.9)
+    slow.layers[0].running_mean[:] = [2.0] * 4
+    run.apply(parse_report(slow), now=0.0)
+    sizes = run.batch_sizes(now=0.0)
+    assert max(sizes.values()) / min(sizes.values()) == 3.0
+    # w0: 80 samples/s, w1: ~26.7 samples/s -> w0 gets 3/4 of the 32
+    assert run.recommendations(now=0.0) == {"w0": 24, "w1": 8}
+    assert run.running_stats_divergence(now=0.0) == pytest.approx(1.0, rel=1e-4)
+
+
+finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@given(
+    run_id=st.text(max_size=140),
+    step=st.integers(-5, 2**40),
+    batch=st.integers(-5, 2**40),
+    step_time=finite_or_not,
+    layers=st.lists(
+        st.builds(
+            LayerStats,
+            layer=st.text(max_size=20),
+            count=finite_or_not,
+            mean=st.lists(finite_or_not, max_size=6),
+            var=st.lists(finite_or_not, max_size=6),
+            running_mean=st.lists(finite_or_not, max_size=6),
+            running_var=st.lists(finite_or_not, max_size=6),
+        ),
+        max_size=4,
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_reports_are_either_rejected_cleanly_or_applied(
+    run_id, step, batch, step_time, layers
+) -> None:
+    run = RunState("run")
+    message = ReportRequest(run_id=run_id, worker_id="w", step=step, batch_size=batch,
+                            step_time_seconds=step_time, layers=layers)  # fmt: skip
+    try:
+        report = parse_report(message, run.channels())
+    except InvalidReport as error:
+        assert error.reason and run.reports == 0
+        return
+    run.apply(report, now=0.0)
+    for name in report.layers:
+        stats = run.global_stats(name, now=0.0)
+        assert stats is not None and bool(torch.isfinite(stats.mean).all())
