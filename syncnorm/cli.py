@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--report-every", type=_positive_int, default=10, metavar="K")
     train.add_argument("--run-id", default="syncnorm")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    coordinator = commands.add_parser(
+        "coordinator", help="serve the coordinator: gRPC for workers, /metrics for Prometheus"
+    )
+    coordinator.add_argument("--host", default="0.0.0.0", help="address to bind (default all interfaces)")
+    coordinator.add_argument("--grpc-port", type=int, default=50051)
+    coordinator.add_argument("--metrics-port", type=int, default=9400)
+    coordinator.add_argument("--momentum", type=float, default=0.1, help="EMA momentum of global statistics")
+    coordinator.add_argument("--stale-after", type=_positive_float, default=60.0, metavar="SECONDS")
+
     ray = train.add_argument_group("Ray", "run under Ray Train instead of torchrun")
     ray.add_argument("--ray", action="store_true", help="train on Ray Train workers")
     ray.add_argument("--num-workers", type=_positive_int, default=2, help="Ray workers (default 2)")
@@ -84,7 +93,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--batch-sizes: the demo needs at least two workers and two images in all")
         print(run_demo(DemoConfig(batch_sizes=args.batch_sizes, epochs=args.epochs)))
         return 0
+    if args.command == "coordinator":
+        return _coordinator(parser, args)
     return _train(parser, args)
+
+
+def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from syncnorm.coordinator.server import start_coordinator
+    from syncnorm.coordinator.service import Coordinator
+
+    if not 0 < args.momentum <= 1:
+        parser.error(f"--momentum must be in (0, 1], got {args.momentum}")
+    running = start_coordinator(
+        args.host, args.grpc_port, args.metrics_port, Coordinator(args.momentum, args.stale_after)
+    )
+    print(
+        f"syncnorm coordinator: gRPC on {args.host}:{running.grpc_port}, "
+        f"metrics on http://{args.host}:{running.metrics_port}/metrics",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # containers stop with SIGTERM, people with Ctrl-C
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    running.stop()
+    return 0
 
 
 def _check_sizes(parser: argparse.ArgumentParser, config: object, world_size: int) -> None:

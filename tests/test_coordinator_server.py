@@ -1,0 +1,136 @@
+"""A real coordinator on loopback: gRPC with real stubs, /metrics parsed by prometheus-client."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from syncnorm.coordinator.server import SERVICE_NAME, RunningCoordinator, start_coordinator
+from syncnorm.coordinator.v1 import coordinator_pb2 as pb
+from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+
+DEADLINE_S = 10
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[RunningCoordinator, pb_grpc.CoordinatorStub, grpc.Channel]]:
+    running = start_coordinator(host="127.0.0.1")
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    yield running, pb_grpc.CoordinatorStub(channel), channel
+    channel.close()
+    running.stop()
+
+
+def _report(worker: str, batch: int, shift: float = 0.0, step: int = 1) -> pb.ReportRequest:
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch * 16, 3, generator=g, dtype=torch.float64) + shift
+    layer = pb.LayerStats(
+        layer="features.1", count=x.shape[0], mean=x.mean(0).tolist(), var=x.var(0, correction=0).tolist(),
+        running_mean=[0.0] * 3, running_var=[1.0] * 3,
+    )  # fmt: skip
+    return pb.ReportRequest(
+        run_id="demo", worker_id=worker, step=step, device_kind="cpu", batch_size=batch,
+        step_time_seconds=0.05, layers=[layer],
+    )  # fmt: skip
+
+
+def _metrics(running: RunningCoordinator) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=DEADLINE_S) as r:
+        text = r.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_reports_become_metrics_and_answers(served) -> None:
+    running, stub, _ = served
+    stub.Report(_report("w0", 8, shift=3.0), timeout=DEADLINE_S)  # a quarter of the data, shifted by 3
+    assert stub.Report(_report("w1", 24), timeout=DEADLINE_S).reports_received == 2
+    metrics = _metrics(running)
+    assert metrics[("syncnorm_batch_size_mismatch_ratio", (("run", "demo"),))] == 3.0
+    assert metrics[("syncnorm_global_batch_size", (("run", "demo"),))] == 32
+    assert metrics[("syncnorm_worker_batch_size", (("run", "demo"), ("worker", "w1")))] == 24
+    assert metrics[("syncnorm_reports_total", (("run", "demo"),))] == 2
+    assert metrics[("syncnorm_workers", (("run", "demo"), ("state", "live")))] == 2
+    shifted = metrics[("syncnorm_worker_stats_drift", (("run", "demo"), ("worker", "w0")))]
+    other = metrics[("syncnorm_worker_stats_drift", (("run", "demo"), ("worker", "w1")))]
+    # global mean 0.75 and variance 1 + 9 * 1/4 * 3/4: the shifted quarter reads 2.25 / 1.64
+    assert shifted == pytest.approx(2.25 / (1 + 9 * 3 / 16) ** 0.5, rel=0.1)
+    assert other == pytest.approx(0.75 / (1 + 9 * 3 / 16) ** 0.5, rel=0.15)
+    assert metrics[("syncnorm_layer_stats_drift", (("layer", "features.1"), ("run", "demo")))] == shifted
+    per_worker_and_layer = [
+        name for name, labels in metrics if ("worker", "w0") in labels and ("layer", "features.1") in labels
+    ]
+    assert per_worker_and_layer == []  # bounded cardinality
+
+    listed = stub.ListWorkers(pb.ListWorkersRequest(run_id="demo"), timeout=DEADLINE_S)
+    assert [w.worker_id for w in listed.workers] == ["w0", "w1"]
+    assert listed.batch_size_mismatch_ratio == 3.0 and listed.global_batch_size == 32
+    assert [w.batch_share for w in listed.workers] == [0.25, 0.75]
+    stats = stub.GetGlobalStats(pb.GetGlobalStatsRequest(run_id="demo"), timeout=DEADLINE_S)
+    assert stats.layers[0].layer == "features.1" and stats.layers[0].count == 32 * 16
+    advice = stub.RecommendBatchSizes(pb.RecommendBatchSizesRequest(run_id="demo", global_batch_size=64),
+                                      timeout=DEADLINE_S)  # fmt: skip
+    assert sum(advice.batch_sizes.values()) == 64 and advice.global_batch_size == 64
+
+
+def test_a_bad_report_is_invalid_argument_counted_and_changes_nothing(served) -> None:
+    running, stub, _ = served
+    stub.Report(_report("w0", 8), timeout=DEADLINE_S)
+    bad = _report("w1", 8)
+    bad.layers[0].var[0] = -1.0
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Report(bad, timeout=DEADLINE_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "var must be >= 0" in info.value.details()
+    metrics = _metrics(running)
+    assert metrics[("syncnorm_reports_rejected_total", (("reason", "negative"),))] == 1
+    assert metrics[("syncnorm_reports_total", (("run", "demo"),))] == 1
+    listed = stub.ListWorkers(pb.ListWorkersRequest(run_id="demo"), timeout=DEADLINE_S)
+    assert [w.worker_id for w in listed.workers] == ["w0"]
+
+
+def test_unknown_runs_are_not_found_and_health_is_serving(served) -> None:
+    _, stub, channel = served
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ListWorkers(pb.ListWorkersRequest(run_id="nope"), timeout=DEADLINE_S)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=DEADLINE_S)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_coordinator_command_serves_and_stops_on_sigterm() -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
+         "--metrics-port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+        assert match, line
+        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            assert stub.Report(_report("w0", 4), timeout=DEADLINE_S).reports_received == 1
+        url = f"http://127.0.0.1:{match.group(2)}/metrics"
+        with urllib.request.urlopen(url, timeout=DEADLINE_S) as answer:
+            assert 'syncnorm_global_batch_size{run="demo"} 4.0' in answer.read().decode()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=DEADLINE_S) == 0
+    finally:
+        process.kill()
