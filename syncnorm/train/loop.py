@@ -69,11 +69,14 @@ def train_worker(
         raise ValueError(
             f"the global batch of {sum(sizes)} is larger than the {len(data.train_y)} training images"
         )
-    if config.coordinator and rank == 0:
-        print(
-            f"note: --coordinator {config.coordinator} given; reporting to a coordinator is not available "
-            "in this version, training goes on without it",
-            file=sys.stderr,
+    reporter = None
+    if config.coordinator:
+        if config.norm != "sync":
+            raise ValueError("--coordinator reports SyncBN statistics: use it with --norm sync")
+        from syncnorm.coordinator.reporter import StatsReporter
+
+        reporter = StatsReporter(
+            model, config.coordinator, config.run_id, f"rank-{rank}", report_every=config.report_every
         )
 
     # Cosine decay to zero: the final weights are not one noisy iterate of a constant-lr walk.
@@ -83,6 +86,7 @@ def train_worker(
     started = time.perf_counter()
     for epoch in range(config.epochs):
         for step in range(steps):
+            step_started = time.perf_counter()
             x, y = worker_batch(data, sizes, rank, epoch, step, config.seed)
             x, y = x.to(device=device, dtype=dtype), y.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -96,11 +100,15 @@ def train_worker(
             loss.backward()
             optimizer.step()
             schedule.step()
+            if reporter is not None:
+                reporter.step(epoch * steps + step, len(y), time.perf_counter() - step_started)
             if progress is not None:
                 progress.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
                 progress.update()
     if progress is not None:
         progress.close()
+    if reporter is not None:
+        reporter.close()
     if config.precise_bn_batches and config.norm == "sync":
         batches = (
             worker_batch(data, sizes, rank, 0, s, config.seed)[0].to(device=device, dtype=dtype)

@@ -1,0 +1,144 @@
+"""The worker side: a reporter that sends SyncBN statistics to the coordinator.
+
+Every ``report_every`` steps it snapshots, per SyncBN layer, this worker's
+*local* (pre-synchronization) batch count, mean and variance and the running
+buffers, and queues a report; a background thread sends it.  The training
+thread never waits on the network: the queue is bounded, a full queue drops the
+report (counted and logged), and a coordinator that is down or restarting
+costs failed sends (counted and logged), never an exception in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import grpc
+from torch import nn
+
+from syncnorm.batchnorm import SyncBatchNorm
+from syncnorm.coordinator.v1 import coordinator_pb2 as pb
+from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+from syncnorm.moments import Moments
+
+log = logging.getLogger(__name__)
+
+
+class StatsReporter:
+    """Reports a model's SyncBN statistics every few steps; see the module docstring.
+
+    Example::
+
+        reporter = StatsReporter(model, "coordinator:50051", run_id="exp7", worker_id=f"rank-{rank}")
+        for step, (x, y) in enumerate(batches):
+            started = time.perf_counter()
+            ...  # forward, backward, optimizer step
+            reporter.step(step, batch_size=len(x), step_time_s=time.perf_counter() - started)
+        reporter.close()
+
+    Args:
+        model: the model whose :class:`SyncBatchNorm` layers are reported.
+        address: the coordinator's ``host:port``.
+        run_id, worker_id: identify the run and this worker in it.
+        report_every: report on steps that are multiples of this.
+        queue_size: reports waiting to be sent at most; more are dropped.
+        deadline_s: deadline of each gRPC call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        address: str,
+        run_id: str,
+        worker_id: str,
+        report_every: int = 10,
+        queue_size: int = 8,
+        deadline_s: float = 5.0,
+    ) -> None:
+        if report_every < 1:
+            raise ValueError(f"report_every must be at least 1, got {report_every}")
+        self.layers = {
+            (m.layer_name or name): m for name, m in model.named_modules() if isinstance(m, SyncBatchNorm)
+        }
+        if not self.layers:
+            raise ValueError("StatsReporter found no syncnorm.SyncBatchNorm layers in the model")
+        self.run_id, self.worker_id = run_id, worker_id
+        self.report_every = report_every
+        self.deadline_s = deadline_s
+        self.sent = self.dropped = self.failed = 0
+        self._latest: dict[str, Moments] = {}
+        self._observers = {name: self._observer(name) for name in self.layers}
+        for name, layer in self.layers.items():
+            layer.moment_observers.append(self._observers[name])
+        self._queue: queue.Queue[pb.ReportRequest | None] = queue.Queue(maxsize=queue_size)
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._device_kind = next(iter(self.layers.values())).running_mean.device.type  # type: ignore[union-attr]
+        self._thread = threading.Thread(target=self._send_loop, name="syncnorm-reporter", daemon=True)
+        self._thread.start()
+
+    def _observer(self, name: str):  # noqa: ANN202
+        def observe(local: Moments, _total: Moments) -> None:
+            self._latest[name] = local  # small C-vectors; copied off the device only when reported
+
+        return observe
+
+    def step(self, step: int, batch_size: int, step_time_s: float) -> None:
+        """Call after each training step; queues a report every ``report_every`` steps."""
+        if step % self.report_every:
+            return
+        layers = []
+        for name, layer in self.layers.items():
+            local = self._latest.get(name)
+            if local is None:
+                continue
+            count = float(local.count)
+            entry = pb.LayerStats(
+                layer=name, count=count, mean=local.mean.tolist(), var=local.biased_var.tolist()
+            )
+            if layer.running_mean is not None and layer.running_var is not None:
+                entry.running_mean.extend(layer.running_mean.tolist())
+                entry.running_var.extend(layer.running_var.tolist())
+            layers.append(entry)
+        report = pb.ReportRequest(
+            run_id=self.run_id, worker_id=self.worker_id, step=step, device_kind=self._device_kind,
+            batch_size=batch_size, step_time_seconds=step_time_s, layers=layers,
+        )  # fmt: skip
+        try:
+            self._queue.put_nowait(report)
+        except queue.Full:
+            self.dropped += 1
+            log.warning(
+                "syncnorm reporter: queue full, dropped the report of step %d (%d so far)", step, self.dropped
+            )
+
+    def _send_loop(self) -> None:
+        while True:
+            report = self._queue.get()
+            if report is None:
+                return
+            try:
+                self._stub.Report(report, timeout=self.deadline_s)
+                self.sent += 1
+            except grpc.RpcError as error:
+                self.failed += 1
+                if self.failed == 1 or self.failed % 100 == 0:
+                    log.warning(
+                        "syncnorm reporter: %d report(s) not delivered (%s)", self.failed, error.code()
+                    )
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued (waiting at most ``timeout_s``), then stop."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        for name, layer in self.layers.items():
+            layer.moment_observers.remove(self._observers[name])
+        self._channel.close()
