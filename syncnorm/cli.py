@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--metrics-port", type=int, default=9400)
     coordinator.add_argument("--momentum", type=float, default=0.1, help="EMA momentum of global statistics")
     coordinator.add_argument("--stale-after", type=_positive_float, default=60.0, metavar="SECONDS")
+    coordinator.add_argument("--state-dir", help="keep state here (SQLite) across restarts (default: memory)")
 
     ray = train.add_argument_group("Ray", "run under Ray Train instead of torchrun")
     ray.add_argument("--ray", action="store_true", help="train on Ray Train workers")
@@ -107,8 +108,11 @@ def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
     if not 0 < args.momentum <= 1:
         parser.error(f"--momentum must be in (0, 1], got {args.momentum}")
+    from syncnorm.coordinator.store import StateStore
+
+    store = StateStore(args.state_dir) if args.state_dir else None
     running = start_coordinator(
-        args.host, args.grpc_port, args.metrics_port, Coordinator(args.momentum, args.stale_after)
+        args.host, args.grpc_port, args.metrics_port, Coordinator(args.momentum, args.stale_after, store)
     )
     print(
         f"syncnorm coordinator: gRPC on {args.host}:{running.grpc_port}, "

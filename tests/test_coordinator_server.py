@@ -134,3 +134,63 @@ def test_the_coordinator_command_serves_and_stops_on_sigterm() -> None:
         assert process.wait(timeout=DEADLINE_S) == 0
     finally:
         process.kill()
+
+
+def _start_command(*extra: str):  # noqa: ANN202
+    import re
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
+         "--metrics-port", "0", *extra],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    line = process.stdout.readline()
+    match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+    assert match, line
+    return process, int(match.group(1)), int(match.group(2))
+
+
+def _view(grpc_port: int) -> tuple[object, object]:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        workers = stub.ListWorkers(pb.ListWorkersRequest(run_id="demo"), timeout=DEADLINE_S)
+        stats = stub.GetGlobalStats(pb.GetGlobalStatsRequest(run_id="demo"), timeout=DEADLINE_S)
+    for w in workers.workers:  # ages differ between the two views
+        w.ClearField("last_report_unix_seconds")
+        w.ClearField("stale")
+    return workers, stats
+
+
+def test_a_coordinator_killed_mid_run_comes_back_with_everything_it_acknowledged(tmp_path) -> None:
+    import signal
+
+    process, grpc_port, _ = _start_command("--state-dir", str(tmp_path), "--stale-after", "3600")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            for step in range(1, 4):
+                stub.Report(_report("w0", 8, shift=3.0, step=step), timeout=DEADLINE_S)
+                stub.Report(_report("w1", 24, step=step), timeout=DEADLINE_S)
+            bad = _report("w1", 8)
+            bad.layers[0].mean.append(0.0)
+            with pytest.raises(grpc.RpcError):
+                stub.Report(bad, timeout=DEADLINE_S)
+        before = _view(grpc_port)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=DEADLINE_S)
+    finally:
+        process.kill()
+    process, grpc_port, metrics_port = _start_command("--state-dir", str(tmp_path), "--stale-after", "3600")
+    try:
+        after = _view(grpc_port)
+        assert after == before
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=DEADLINE_S) as answer:
+            text = answer.read().decode()
+        assert 'syncnorm_reports_total{run="demo"} 6.0' in text
+        assert 'syncnorm_reports_rejected_total{reason="bad_shape"} 1.0' in text
+        assert 'syncnorm_batch_size_mismatch_ratio{run="demo"} 3.0' in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=DEADLINE_S)

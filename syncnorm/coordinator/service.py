@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from syncnorm.coordinator.state import InvalidReport, RunState, parse_report
+from syncnorm.coordinator.store import StateStore
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -23,13 +24,20 @@ class Coordinator:
     Args:
         momentum: EMA momentum of the global statistics.
         stale_after_s: a worker that has not reported for this long is stale.
+        store: where state persists (``--state-dir``); loaded at start, and every
+            accepted report is committed there before it is acknowledged.
     """
 
-    def __init__(self, momentum: float = 0.1, stale_after_s: float = 60.0) -> None:
+    def __init__(
+        self, momentum: float = 0.1, stale_after_s: float = 60.0, store: StateStore | None = None
+    ) -> None:
         self.momentum = momentum
         self.stale_after_s = stale_after_s
+        self.store = store
         self.runs: dict[str, RunState] = {}
         self.rejected: Counter[str] = Counter()
+        if store is not None:
+            self.runs, self.rejected = store.load(momentum, stale_after_s)
         self._lock = threading.Lock()
 
     def report(self, message: pb.ReportRequest, now: float | None = None) -> int:
@@ -41,10 +49,19 @@ class Coordinator:
                 report = parse_report(message, run.channels() if run else None)
             except InvalidReport as error:
                 self.rejected[error.reason] += 1
+                if self.store is not None:
+                    self.store.save_rejection(error.reason)
                 raise
             if run is None:
                 run = self.runs[report.run_id] = RunState(report.run_id, self.momentum, self.stale_after_s)
             run.apply(report, now)
+            if self.store is not None:
+                try:
+                    self.store.save_report(run, report.worker_id, message)
+                except Exception:
+                    # Not durable, so not accepted: go back to what the store holds.
+                    self.runs, self.rejected = self.store.load(self.momentum, self.stale_after_s)
+                    raise
             return run.reports
 
     def run(self, run_id: str) -> RunState:
