@@ -2,6 +2,7 @@
 
 from syncnorm.batchnorm import SyncBatchNorm
 from syncnorm.convert import convert_sync_batchnorm, name_layers, revert_sync_batchnorm
+from syncnorm.coordinator.client import load_global_stats
 from syncnorm.join import SyncBatchNormJoin, join_ready_ddp
 from syncnorm.moments import Moments
 from syncnorm.precise_bn import precise_bn
@@ -30,6 +31,7 @@ __all__ = [
     "consecutive_groups",
     "convert_sync_batchnorm",
     "join_ready_ddp",
+    "load_global_stats",
     "name_layers",
     "precise_bn",
     "revert_sync_batchnorm",

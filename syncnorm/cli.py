@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--stale-after", type=_positive_float, default=60.0, metavar="SECONDS")
     coordinator.add_argument("--state-dir", help="keep state here (SQLite) across restarts (default: memory)")
 
+    status = commands.add_parser("status", help="a coordinator's table of a run's workers")
+    status.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    status.add_argument("--run", default="syncnorm", help="run id (default: syncnorm, train's default)")
+
     ray = train.add_argument_group("Ray", "run under Ray Train instead of torchrun")
     ray.add_argument("--ray", action="store_true", help="train on Ray Train workers")
     ray.add_argument("--num-workers", type=_positive_int, default=2, help="Ray workers (default 2)")
@@ -96,6 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "coordinator":
         return _coordinator(parser, args)
+    if args.command == "status":
+        import grpc
+
+        from syncnorm.coordinator.client import status_table
+
+        try:
+            print(status_table(args.coordinator, args.run))
+        except grpc.RpcError as error:
+            print(f"syncnorm status: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+        return 0
     return _train(parser, args)
 
 

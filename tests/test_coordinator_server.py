@@ -194,3 +194,42 @@ def test_a_coordinator_killed_mid_run_comes_back_with_everything_it_acknowledged
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=DEADLINE_S)
+
+
+def test_status_table_and_loading_the_consensus_statistics(served) -> None:
+    import subprocess
+    import sys
+
+    import syncnorm
+
+    running, stub, _ = served
+    batches = {"w0": 8, "w1": 24}
+    for worker, batch in batches.items():
+        stub.Report(_report(worker, batch), timeout=DEADLINE_S)
+    address = f"127.0.0.1:{running.grpc_port}"
+    status = subprocess.run(
+        [sys.executable, "-m", "syncnorm", "status", "--coordinator", address, "--run", "demo"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert "batch-size mismatch 3.00" in status.stdout
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[3:]}
+    assert rows["w0"][3] == "8" and rows["w0"][4] == "25.0%" and rows["w1"][4] == "75.0%"
+    missing = subprocess.run(
+        [sys.executable, "-m", "syncnorm", "status", "--coordinator", address, "--run", "nope"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+    # a plain-BN model with the same layer name gets the exact pooled statistics
+    model = torch.nn.Sequential()
+    model.add_module("features", torch.nn.Sequential(torch.nn.Identity(), torch.nn.BatchNorm1d(3)))
+    assert syncnorm.load_global_stats(model, address, "demo") == ["features.1"]
+    pooled = torch.cat([
+        torch.randn(n * 16, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        for n in batches.values()
+    ])  # fmt: skip
+    torch.testing.assert_close(model.features[1].running_mean, pooled.mean(0).float())
+    torch.testing.assert_close(model.features[1].running_var, pooled.var(0).float())
+    with pytest.raises(KeyError, match=r"features\.1"):
+        syncnorm.load_global_stats(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), address, "demo")
