@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinator", metavar="HOST:PORT", help="syncnorm coordinator to report to")
     train.add_argument("--report-every", type=_positive_int, default=10, metavar="K")
     train.add_argument("--run-id", default="syncnorm")
+    train.add_argument("--coordinator-token-file", help="bearer token for the coordinator")
+    train.add_argument("--coordinator-ca", help="PEM certificate authority of a TLS coordinator")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     coordinator = commands.add_parser(
         "coordinator", help="serve the coordinator: gRPC for workers, /metrics for Prometheus"
@@ -72,11 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     coordinator.add_argument("--metrics-port", type=int, default=9400)
     coordinator.add_argument("--momentum", type=float, default=0.1, help="EMA momentum of global statistics")
     coordinator.add_argument("--stale-after", type=_positive_float, default=60.0, metavar="SECONDS")
+    coordinator.add_argument("--token-file", help="require this bearer token (file holds it)")
+    coordinator.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    coordinator.add_argument("--tls-key", help="PEM private key for --tls-cert")
     coordinator.add_argument("--state-dir", help="keep state here (SQLite) across restarts (default: memory)")
 
     status = commands.add_parser("status", help="a coordinator's table of a run's workers")
     status.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     status.add_argument("--run", default="syncnorm", help="run id (default: syncnorm, train's default)")
+    status.add_argument("--token-file", help="bearer token for a coordinator that wants one")
+    status.add_argument("--ca", help="PEM certificate authority of a TLS coordinator")
 
     ray = train.add_argument_group("Ray", "run under Ray Train instead of torchrun")
     ray.add_argument("--ray", action="store_true", help="train on Ray Train workers")
@@ -105,9 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import grpc
 
         from syncnorm.coordinator.client import status_table
+        from syncnorm.coordinator.security import read_token
 
         try:
-            print(status_table(args.coordinator, args.run))
+            print(status_table(args.coordinator, args.run, token=read_token(args.token_file),
+                               root_certificates=_read_bytes(args.ca)))  # fmt: skip
         except grpc.RpcError as error:
             print(f"syncnorm status: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
@@ -119,17 +128,22 @@ def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     import signal
     import threading
 
+    from syncnorm.coordinator.security import read_token
     from syncnorm.coordinator.server import start_coordinator
     from syncnorm.coordinator.service import Coordinator
 
     if not 0 < args.momentum <= 1:
         parser.error(f"--momentum must be in (0, 1], got {args.momentum}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = (_read_bytes(args.tls_cert), _read_bytes(args.tls_key)) if args.tls_cert else None
     from syncnorm.coordinator.store import StateStore
 
     store = StateStore(args.state_dir) if args.state_dir else None
     running = start_coordinator(
-        args.host, args.grpc_port, args.metrics_port, Coordinator(args.momentum, args.stale_after, store)
-    )
+        args.host, args.grpc_port, args.metrics_port, Coordinator(args.momentum, args.stale_after, store),
+        token=read_token(args.token_file), tls_cert_and_key=tls,  # type: ignore[arg-type]
+    )  # fmt: skip
     print(
         f"syncnorm coordinator: gRPC on {args.host}:{running.grpc_port}, "
         f"metrics on http://{args.host}:{running.metrics_port}/metrics",
@@ -141,6 +155,13 @@ def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     stop.wait()
     running.stop()
     return 0
+
+
+def _read_bytes(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def _check_sizes(parser: argparse.ArgumentParser, config: object, world_size: int) -> None:
@@ -158,6 +179,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes, epochs=args.epochs, lr=args.lr, seed=args.seed, norm=args.norm,
         checkpoint=args.checkpoint, precise_bn_batches=args.precise_bn, coordinator=args.coordinator,
         report_every=args.report_every, run_id=args.run_id, device=args.device, dtype=args.dtype,
+        coordinator_token_file=args.coordinator_token_file, coordinator_ca=args.coordinator_ca,
         progress=not args.no_progress,
     )  # fmt: skip
     if args.ray:

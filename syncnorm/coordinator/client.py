@@ -10,14 +10,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from syncnorm.coordinator.security import call_metadata, open_channel
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
 DEADLINE_S = 10.0
 
 
-def _stub(address: str) -> tuple[grpc.Channel, pb_grpc.CoordinatorStub]:
-    channel = grpc.insecure_channel(address)
+def _stub(address: str, root_certificates: bytes | None) -> tuple[grpc.Channel, pb_grpc.CoordinatorStub]:
+    channel = open_channel(address, root_certificates)
     return channel, pb_grpc.CoordinatorStub(channel)
 
 
@@ -28,6 +29,8 @@ def load_global_stats(
     run: str,
     estimate: Literal["cumulative", "ema"] = "cumulative",
     deadline_s: float = DEADLINE_S,
+    token: str | None = None,
+    root_certificates: bytes | None = None,
 ) -> list[str]:
     """Load a run's consensus running statistics into ``model``'s batch norm layers.
 
@@ -36,10 +39,13 @@ def load_global_stats(
     the exact population statistics of every reported batch; ``ema`` the moving
     average of the per-step global batch statistics.  Returns the names loaded.
     Raises ``KeyError`` naming layers the coordinator knows but the model lacks.
+    ``token`` and ``root_certificates`` (PEM CA) for a coordinator that wants them.
     """
-    channel, stub = _stub(coordinator)
+    channel, stub = _stub(coordinator, root_certificates)
     with channel:
-        answer = stub.GetGlobalStats(pb.GetGlobalStatsRequest(run_id=run), timeout=deadline_s)
+        answer = stub.GetGlobalStats(
+            pb.GetGlobalStatsRequest(run_id=run), timeout=deadline_s, metadata=call_metadata(token)
+        )
     layers = {
         getattr(m, "layer_name", "") or name: m
         for name, m in model.named_modules()
@@ -61,11 +67,19 @@ def load_global_stats(
     return loaded
 
 
-def status_table(coordinator: str, run: str, deadline_s: float = DEADLINE_S) -> str:
+def status_table(
+    coordinator: str,
+    run: str,
+    deadline_s: float = DEADLINE_S,
+    token: str | None = None,
+    root_certificates: bytes | None = None,
+) -> str:
     """The workers of ``run`` as a text table (what ``syncnorm status`` prints)."""
-    channel, stub = _stub(coordinator)
+    channel, stub = _stub(coordinator, root_certificates)
     with channel:
-        answer = stub.ListWorkers(pb.ListWorkersRequest(run_id=run), timeout=deadline_s)
+        answer = stub.ListWorkers(
+            pb.ListWorkersRequest(run_id=run), timeout=deadline_s, metadata=call_metadata(token)
+        )
     now = time.time()
     lines = [
         f"run {run!r}: global batch {answer.global_batch_size}, batch-size mismatch "

@@ -19,6 +19,7 @@ import grpc
 from torch import nn
 
 from syncnorm.batchnorm import SyncBatchNorm
+from syncnorm.coordinator.security import call_metadata, open_channel
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 from syncnorm.moments import Moments
@@ -45,6 +46,7 @@ class StatsReporter:
         report_every: report on steps that are multiples of this.
         queue_size: reports waiting to be sent at most; more are dropped.
         deadline_s: deadline of each gRPC call.
+        token, root_certificates: bearer token and PEM CA for a secured coordinator.
     """
 
     def __init__(
@@ -56,6 +58,8 @@ class StatsReporter:
         report_every: int = 10,
         queue_size: int = 8,
         deadline_s: float = 5.0,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
     ) -> None:
         if report_every < 1:
             raise ValueError(f"report_every must be at least 1, got {report_every}")
@@ -73,7 +77,8 @@ class StatsReporter:
         for name, layer in self.layers.items():
             layer.moment_observers.append(self._observers[name])
         self._queue: queue.Queue[pb.ReportRequest | None] = queue.Queue(maxsize=queue_size)
-        self._channel = grpc.insecure_channel(address)
+        self._metadata = call_metadata(token)
+        self._channel = open_channel(address, root_certificates)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._device_kind = next(iter(self.layers.values())).running_mean.device.type  # type: ignore[union-attr]
         self._thread = threading.Thread(target=self._send_loop, name="syncnorm-reporter", daemon=True)
@@ -120,7 +125,7 @@ class StatsReporter:
             if report is None:
                 return
             try:
-                self._stub.Report(report, timeout=self.deadline_s)
+                self._stub.Report(report, timeout=self.deadline_s, metadata=self._metadata)
                 self.sent += 1
             except grpc.RpcError as error:
                 self.failed += 1

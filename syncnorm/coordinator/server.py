@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from syncnorm.coordinator.security import TokenInterceptor
 from syncnorm.coordinator.service import Coordinator, CoordinatorCollector, CoordinatorServicer
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -39,17 +40,30 @@ def start_coordinator(
     metrics_port: int = 0,
     coordinator: Coordinator | None = None,
     workers: int = 8,
+    token: str | None = None,
+    tls_cert_and_key: tuple[bytes, bytes] | None = None,
 ) -> RunningCoordinator:
-    """Start serving; port 0 picks a free port (see the returned ports)."""
+    """Start serving; port 0 picks a free port (see the returned ports).
+
+    ``token``: require ``authorization: Bearer <token>`` on every call but health
+    checks.  ``tls_cert_and_key``: PEM certificate chain and private key; the gRPC
+    port then speaks TLS only.
+    """
     coordinator = coordinator or Coordinator()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[TokenInterceptor(token)] if token else [],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{grpc_port}")
+    address = f"{host}:{grpc_port}"
+    if tls_cert_and_key is None:
+        bound = server.add_insecure_port(address)
+    else:
+        cert, key = tls_cert_and_key
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

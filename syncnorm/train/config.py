@@ -22,7 +22,8 @@ class TrainConfig:
         built with ``torch.nn.BatchNorm2d``).
     precise_bn_batches: recompute running statistics over this many batches
         per worker with :func:`syncnorm.precise_bn` before testing (0: off).
-    coordinator, report_every, run_id: reporting to a syncnorm coordinator.
+    coordinator, report_every, run_id: reporting to a syncnorm coordinator;
+    coordinator_token_file, coordinator_ca: its bearer token and TLS CA (PEM files).
     device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (CUDA when available).
     dtype: ``"float32"`` or ``"float64"`` for the weights and inputs.
     progress: show a progress bar on rank 0.
@@ -39,6 +40,8 @@ class TrainConfig:
     coordinator: str | None = None
     report_every: int = 10
     run_id: str = "syncnorm"
+    coordinator_token_file: str | None = None
+    coordinator_ca: str | None = None
     device: str = "auto"
     dtype: str = "float32"
     progress: bool = True
