@@ -233,3 +233,33 @@ def test_status_table_and_loading_the_consensus_statistics(served) -> None:
     torch.testing.assert_close(model.features[1].running_var, pooled.var(0).float())
     with pytest.raises(KeyError, match=r"features\.1"):
         syncnorm.load_global_stats(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), address, "demo")
+
+
+def test_fuzzed_reports_never_take_the_server_down(served) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    running, stub, channel = served
+    numbers = st.floats(allow_nan=True, allow_infinity=True, width=64)
+    layers = st.lists(
+        st.builds(pb.LayerStats, layer=st.text(max_size=12), count=numbers,
+                  mean=st.lists(numbers, max_size=4), var=st.lists(numbers, max_size=4)),
+        max_size=3,
+    )  # fmt: skip
+
+    @given(
+        run_id=st.text(max_size=8), worker=st.text(max_size=8), batch=st.integers(-3, 10**6), layers=layers
+    )
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    def send(run_id: str, worker: str, batch: int, layers: list) -> None:
+        request = pb.ReportRequest(run_id=run_id, worker_id=worker, batch_size=batch, layers=layers)
+        try:
+            stub.Report(request, timeout=DEADLINE_S)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+
+    send()
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE_S)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert stub.Report(_report("w0", 8), timeout=DEADLINE_S).reports_received >= 1
+    _metrics(running)  # and /metrics still renders

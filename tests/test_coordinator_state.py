@@ -78,6 +78,7 @@ def test_ema_follows_the_merged_step_statistics() -> None:
         ({"layers": [LayerStats(layer="bn1", count=4, mean=[0.0], var=[-1.0])]}, "negative"),
         ({"layers": [LayerStats(layer="bn1", count=-4, mean=[0.0], var=[1.0])]}, "negative"),
         ({"layers": [LayerStats(layer="", count=4, mean=[0.0], var=[1.0])]}, "bad_layer_name"),
+        ({"layers": [LayerStats(layer="bn1", count=4, mean=[1e70], var=[1.0])]}, "too_large"),
         ({"layers": [LayerStats(layer=f"l{i}", count=1, mean=[0.0], var=[0.0]) for i in range(1025)]},
          "too_many_layers"),
     ],
@@ -148,3 +149,4 @@ def test_fuzzed_reports_are_either_rejected_cleanly_or_applied(
     for name in report.layers:
         stats = run.global_stats(name, now=0.0)
         assert stats is not None and bool(torch.isfinite(stats.mean).all())
+        assert bool(torch.isfinite(stats.m2).all())

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,6 +23,8 @@ from syncnorm.moments import Moments, merge_moments
 MAX_LAYERS = 1024
 MAX_CHANNELS = 65_536
 MAX_ID_LENGTH = 128
+MAX_MAGNITUDE = 1e60
+"""Reported values beyond this are refused: their squares and sums must stay finite."""
 
 
 class InvalidReport(ValueError):
@@ -69,10 +72,13 @@ class LayerGlobal:
 
 
 def _vector(values: object, what: str) -> Tensor:
-    vector = torch.tensor(list(values), dtype=torch.float64)  # type: ignore[call-overload]
-    if not bool(torch.isfinite(vector).all()):
+    # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
+    array = np.array(values, dtype=np.float64)
+    if not np.isfinite(array).all():
         raise InvalidReport("not_finite", f"{what} has NaN or infinite values")
-    return vector
+    if array.size and np.abs(array).max() > MAX_MAGNITUDE:
+        raise InvalidReport("too_large", f"{what} has values beyond {MAX_MAGNITUDE:g}")
+    return torch.from_numpy(array)
 
 
 def parse_report(message: object, known_channels: dict[str, int] | None = None) -> Report:
@@ -113,7 +119,7 @@ def parse_report(message: object, known_channels: dict[str, int] | None = None) 
             raise InvalidReport(
                 "shape_changed", f"layer {layer.layer!r} had {expected} channels, now {channels}"
             )
-        if not math.isfinite(layer.count) or layer.count < 0:
+        if not math.isfinite(layer.count) or not 0 <= layer.count <= MAX_MAGNITUDE:
             raise InvalidReport("negative", f"layer {layer.layer!r}: count must be finite and >= 0")
         var = _vector(layer.var, f"layer {layer.layer!r} var")
         if bool((var < 0).any()):
