@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,13 @@ def test_transport_benchmark_reports_gloo_and_actor_side_by_side() -> None:
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 2 | 8 |"))
     values = [float(v) for v in row.strip("|").split("|")[2:]]
     assert len(values) == 4 and all(v > 0 for v in values)
+
+
+def test_coordinator_load_benchmark_reports_rate_and_latency() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.coordinator_load", "--workers", "1", "--seconds", "1"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "53 layers, 26560 channels" in result.stdout
+    assert re.search(r"\d+ reports/s, p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout), result.stdout
