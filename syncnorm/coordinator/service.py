@@ -12,6 +12,7 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from syncnorm.coordinator.analysis import batch_size_mismatch_ratio
 from syncnorm.coordinator.state import InvalidReport, RunState, parse_report
 from syncnorm.coordinator.store import StateStore
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
@@ -38,12 +39,12 @@ class Coordinator:
         self.rejected: Counter[str] = Counter()
         if store is not None:
             self.runs, self.rejected = store.load(momentum, stale_after_s)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def report(self, message: pb.ReportRequest, now: float | None = None) -> int:
         """Validate and take one report; returns the run's report count.
         Raises :class:`InvalidReport` (and changes nothing) for a bad report."""
-        with self._lock:
+        with self.lock:
             run = self.runs.get(message.run_id)
             try:
                 report = parse_report(message, run.channels() if run else None)
@@ -71,7 +72,7 @@ class Coordinator:
         return run
 
     def global_stats(self, run_id: str) -> pb.GetGlobalStatsResponse:
-        with self._lock:
+        with self.lock:
             run = self.run(run_id)
             layers = []
             for name, layer in sorted(run.layers.items()):
@@ -88,7 +89,7 @@ class Coordinator:
 
     def list_workers(self, run_id: str, now: float | None = None) -> pb.ListWorkersResponse:
         now = time.time() if now is None else now
-        with self._lock:
+        with self.lock:
             run = self.run(run_id)
             live = run.live(now)
             sizes = run.batch_sizes(now)
@@ -105,21 +106,15 @@ class Coordinator:
                     last_report_unix_seconds=record.last_seen, stale=worker_id not in live,
                     recommended_batch_size=recommended.get(worker_id, 0),
                 ))  # fmt: skip
-            mismatch = _ratio(list(sizes.values()))
+            mismatch = batch_size_mismatch_ratio(list(sizes.values()))
             return pb.ListWorkersResponse(
                 run_id=run_id, workers=workers, global_batch_size=total, batch_size_mismatch_ratio=mismatch,
                 running_stats_divergence=run.running_stats_divergence(now),
             )  # fmt: skip
 
     def recommend(self, run_id: str, global_batch: int | None) -> dict[str, int]:
-        with self._lock:
+        with self.lock:
             return self.run(run_id).recommendations(global_batch or None)
-
-
-def _ratio(sizes: list[int]) -> float:
-    from syncnorm.coordinator.analysis import batch_size_mismatch_ratio
-
-    return batch_size_mismatch_ratio(sizes)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -219,12 +214,12 @@ class CoordinatorCollector(Collector):
             "Batch size proportional to throughput",
             labels=["run", "worker"],
         )
-        with c._lock:
+        with c.lock:
             for run_id, run in sorted(c.runs.items()):
                 live = run.live(now)
                 sizes = run.batch_sizes(now)
                 global_batch.add_metric([run_id], sum(sizes.values()))
-                ratio = _ratio(list(sizes.values()))
+                ratio = batch_size_mismatch_ratio(list(sizes.values()))
                 mismatch.add_metric([run_id], ratio if math.isfinite(ratio) else math.inf)
                 divergence.add_metric([run_id], run.running_stats_divergence(now))
                 workers.add_metric([run_id, "live"], len(live))
