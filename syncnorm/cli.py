@@ -112,11 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         import grpc
 
         from syncnorm.coordinator.client import status_table
-        from syncnorm.coordinator.security import read_token
+        from syncnorm.coordinator.security import read_bytes, read_token
 
         try:
             print(status_table(args.coordinator, args.run, token=read_token(args.token_file),
-                               root_certificates=_read_bytes(args.ca)))  # fmt: skip
+                               root_certificates=read_bytes(args.ca)))  # fmt: skip
         except grpc.RpcError as error:
             print(f"syncnorm status: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
@@ -128,7 +128,7 @@ def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     import signal
     import threading
 
-    from syncnorm.coordinator.security import read_token
+    from syncnorm.coordinator.security import read_bytes, read_token
     from syncnorm.coordinator.server import start_coordinator
     from syncnorm.coordinator.service import Coordinator
 
@@ -136,7 +136,7 @@ def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         parser.error(f"--momentum must be in (0, 1], got {args.momentum}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    tls = (_read_bytes(args.tls_cert), _read_bytes(args.tls_key)) if args.tls_cert else None
+    tls = (read_bytes(args.tls_cert), read_bytes(args.tls_key)) if args.tls_cert else None
     from syncnorm.coordinator.store import StateStore
 
     store = StateStore(args.state_dir) if args.state_dir else None
@@ -155,13 +155,6 @@ def _coordinator(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     stop.wait()
     running.stop()
     return 0
-
-
-def _read_bytes(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as file:
-        return file.read()
 
 
 def _check_sizes(parser: argparse.ArgumentParser, config: object, world_size: int) -> None:

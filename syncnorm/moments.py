@@ -100,6 +100,13 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
     return Moments(total, mean, m2)
 
 
+def merge_pair(a: Moments, b: Moments) -> Moments:
+    """:func:`merge_moments` of two sets of moments (e.g. a running total and a new batch)."""
+    return merge_moments(
+        torch.stack([a.count, b.count]), torch.stack([a.mean, b.mean]), torch.stack([a.m2, b.m2])
+    )
+
+
 def to_power_sums(m: Moments) -> tuple[Tensor, Tensor, Tensor]:
     """``(n, sum x, sum x^2)`` per channel, for transports that can only add."""
     return m.count, m.count * m.mean, m.m2 + m.count * m.mean.square()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from syncnorm.batchnorm import SyncBatchNorm
-from syncnorm.moments import Moments, merge_moments
+from syncnorm.moments import Moments, merge_pair
 
 
 class _PopulationMoments:
@@ -32,14 +32,7 @@ class _PopulationMoments:
 
     def __call__(self, local: Moments, batch: Moments) -> None:
         batch = Moments(batch.count.double(), batch.mean.double(), batch.m2.double())
-        if self.total is None:
-            self.total = batch
-            return
-        pair = (self.total, batch)
-        self.total = merge_moments(
-            torch.stack([m.count for m in pair]), torch.stack([m.mean for m in pair]),
-            torch.stack([m.m2 for m in pair]),
-        )  # fmt: skip
+        self.total = batch if self.total is None else merge_pair(self.total, batch)
 
 
 def _first_tensor(batch: Any) -> Tensor:

@@ -51,6 +51,14 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+def read_bytes(path: str | None) -> bytes | None:
+    """The bytes of ``path`` (a PEM certificate or key), or None without a path."""
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from syncnorm.coordinator import analysis
-from syncnorm.moments import Moments, merge_moments
+from syncnorm.moments import Moments, merge_pair
 
 MAX_LAYERS = 1024
 MAX_CHANNELS = 65_536
@@ -174,7 +174,7 @@ class RunState:
                 batch = Moments(
                     torch.tensor(layer.count, dtype=torch.float64), layer.mean, layer.var * layer.count
                 )
-                state.cumulative = batch if state.cumulative is None else _merge(state.cumulative, batch)
+                state.cumulative = batch if state.cumulative is None else merge_pair(state.cumulative, batch)
         if report.step > self.latest_step:
             self.latest_step = report.step
             for name, state in self.layers.items():
@@ -249,9 +249,3 @@ class RunState:
             {w: r.report.step_time_seconds for w, r in live.items()},
             global_batch,
         )
-
-
-def _merge(a: Moments, b: Moments) -> Moments:
-    return merge_moments(
-        torch.stack([a.count, b.count]), torch.stack([a.mean, b.mean]), torch.stack([a.m2, b.m2])
-    )

@@ -74,15 +74,12 @@ def train_worker(
         if config.norm != "sync":
             raise ValueError("--coordinator reports SyncBN statistics: use it with --norm sync")
         from syncnorm.coordinator.reporter import StatsReporter
-        from syncnorm.coordinator.security import read_token
+        from syncnorm.coordinator.security import read_bytes, read_token
 
-        ca = None
-        if config.coordinator_ca:
-            with open(config.coordinator_ca, "rb") as file:
-                ca = file.read()
         reporter = StatsReporter(
             model, config.coordinator, config.run_id, f"rank-{rank}", report_every=config.report_every,
-            token=read_token(config.coordinator_token_file), root_certificates=ca,
+            token=read_token(config.coordinator_token_file),
+            root_certificates=read_bytes(config.coordinator_ca),
         )  # fmt: skip
 
     # Cosine decay to zero: the final weights are not one noisy iterate of a constant-lr walk.
