@@ -110,24 +110,14 @@ def test_unknown_runs_are_not_found_and_health_is_serving(served) -> None:
 
 
 def test_the_coordinator_command_serves_and_stops_on_sigterm() -> None:
-    import re
     import signal
-    import subprocess
-    import sys
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
-         "--metrics-port", "0"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process, grpc_port, metrics_port = _start_command()
     try:
-        line = process.stdout.readline()
-        match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
-        assert match, line
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
             assert stub.Report(_report("w0", 4), timeout=DEADLINE_S).reports_received == 1
-        url = f"http://127.0.0.1:{match.group(2)}/metrics"
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=DEADLINE_S) as answer:
             assert 'syncnorm_global_batch_size{run="demo"} 4.0' in answer.read().decode()
         process.send_signal(signal.SIGTERM)
