@@ -87,7 +87,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            local = local_moments(x, dtype)
+            xc = x.to(dtype)  # one upcast for half inputs, shared by statistics and output
+            local = local_moments(xc, dtype)
             total = reducer.merge_moments(local, layer)
             check_enough_values(total, x.numel() // max(x.shape[1], 1), x.shape)
             if observe is not None:
@@ -101,7 +102,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             shift = -batch.mean * scale
             if bias is not None:
                 shift = shift + bias.to(dtype)
-            y = torch.addcmul(_channel_view(shift, x.dim()), x.to(dtype), _channel_view(scale, x.dim()))
+            y = torch.addcmul(_channel_view(shift, x.dim()), xc, _channel_view(scale, x.dim()))
 
         ctx.save_for_backward(x, weight, batch.mean, invstd, batch.count)
         ctx.reducer = reducer
