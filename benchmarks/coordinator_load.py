@@ -5,9 +5,11 @@ carries, per layer, the local mean and variance and the running mean and
 variance (about 850 KB of float64).  The coordinator runs in its own process
 pinned to one core (``taskset -c 0``); the simulated workers run here, on the
 other cores, each sending reports back to back for a fixed time.  Prints
-reports/s and the p50/p99 latency of the Report call.
+reports/s and the p50/p99 latency of the Report call, for the coordinator and,
+side by side, for a bare gRPC server of the same service whose Report does
+nothing: the cost of moving the bytes, which no coordinator code can go below.
 
-    python -m benchmarks.coordinator_load [--workers 8] [--seconds 10]
+    python -m benchmarks.coordinator_load [--workers 4] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -71,48 +74,80 @@ def _worker(address: str, index: int, seconds: float, latencies: list[float], lo
         latencies.extend(mine)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    args = parser.parse_args()
+class _BareCoordinator(pb_grpc.CoordinatorServicer):
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
+        return pb.ReportResponse(reports_received=1)
+
+
+def serve_bare() -> None:
+    """A Coordinator service whose Report only answers (gRPC's own cost)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
+    pb_grpc.add_CoordinatorServicer_to_server(_BareCoordinator(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"gRPC on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def measure(server_command: list[str], workers: int, seconds: float) -> list[float]:
+    """Start a server pinned to core 0, load it from ``workers`` threads; the latencies."""
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    server = subprocess.Popen(
-        [*pin, sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
-         "--metrics-port", "0", "--stale-after", "3600"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    server = subprocess.Popen([*pin, *server_command], stdout=subprocess.PIPE, text=True)
     try:
-        match = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", server.stdout.readline())
-        assert match, "the coordinator did not start"
+        match = re.search(r"gRPC on 127\.0\.0\.1:(\d+)", server.stdout.readline())  # type: ignore[union-attr]
+        assert match, "the server did not start"
         address = f"127.0.0.1:{match.group(1)}"
         latencies: list[float] = []
         lock = threading.Lock()
         threads = [
-            threading.Thread(target=_worker, args=(address, w, args.seconds, latencies, lock))
-            for w in range(args.workers)
+            threading.Thread(target=_worker, args=(address, w, seconds, latencies, lock))
+            for w in range(workers)
         ]
-        started = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        elapsed = time.perf_counter() - started
     finally:
         server.terminate()
         server.wait(timeout=10)
-    latencies.sort()
+    return sorted(latencies)
+
+
+def _summary(latencies: list[float], seconds: float) -> str:
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    size = make_report(0, 0, resnet50_bn_channels(), np.random.default_rng(0)).ByteSize()
-    print(
-        f"{args.workers} workers, ResNet-50-sized reports ({len(resnet50_bn_channels())} layers, "
-        f"{sum(resnet50_bn_channels())} channels, {size / 1e3:.0f} kB), coordinator pinned to one core"
-        f"{'' if pin else ' (taskset missing: not pinned)'}:\n"
-        f"{len(latencies) / elapsed:.0f} reports/s, p50 {1e3 * statistics.median(latencies):.1f} ms, "
-        f"p99 {1e3 * p99:.1f} ms over {len(latencies)} reports"
+    return (
+        f"{len(latencies) / seconds:6.0f} reports/s, p50 {1e3 * statistics.median(latencies):5.1f} ms, "
+        f"p99 {1e3 * p99:5.1f} ms over {len(latencies)} reports"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--serve-bare", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare()
+        return
+    coordinator = [sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
+                   "--metrics-port", "0", "--stale-after", "3600"]  # fmt: skip
+    bare = [sys.executable, "-m", "benchmarks.coordinator_load", "--serve-bare"]
+    channels = resnet50_bn_channels()
+    size = make_report(0, 0, channels, np.random.default_rng(0)).ByteSize()
+    print(
+        f"{args.workers} workers, ResNet-50-sized reports ({len(channels)} layers, {sum(channels)} channels, "
+        f"{size / 1e3:.0f} kB), server pinned to one core{'' if shutil.which('taskset') else ' (unpinned)'}:"
+    )
+    rates = {}
+    for name, command in (("bare gRPC", bare), ("coordinator", coordinator)):
+        latencies = measure(command, args.workers, args.seconds)
+        rates[name] = len(latencies) / args.seconds
+        print(f"  {name:<12}{_summary(latencies, args.seconds)}", flush=True)
+    print(f"  coordinator / bare gRPC throughput: {rates['coordinator'] / rates['bare gRPC']:.2f}")
 
 
 if __name__ == "__main__":

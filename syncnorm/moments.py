@@ -38,7 +38,9 @@ class Moments:
     """Per-channel first and second moments of a set of values.
 
     Args:
-        count: number of values per channel (0-d tensor; the same for every channel).
+        count: number of values per channel: a 0-d tensor (the same for every
+            channel), or shape ``(C,)`` where channels of several layers are laid
+            side by side.
         mean: per-channel mean, shape ``(C,)``; zero where ``count == 0``.
         m2: per-channel sum of squared deviations from ``mean``, shape ``(C,)``.
     """
@@ -84,7 +86,8 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
     """Merge per-worker moments exactly (Chan et al.).
 
     Args:
-        counts: shape ``(W,)``, each worker's count.
+        counts: shape ``(W,)``, each worker's count; or ``(W, C)`` where the
+            count differs by channel (the coordinator merges many layers at once).
         means: shape ``(W, C)``, each worker's per-channel mean.
         m2s: shape ``(W, C)``, each worker's per-channel sum of squared deviations.
 
@@ -93,18 +96,28 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
         ``count == 0`` contribute nothing; if every count is zero the result has
         ``count == 0`` and zero mean and m2.
     """
-    total = counts.sum()
+    total = counts.sum(0)
     weights = counts / total.clamp(min=torch.finfo(counts.dtype).tiny)
-    mean = weights @ means
-    m2 = m2s.sum(0) + counts @ (means - mean).square()
+    if counts.dim() == 1:
+        mean = weights @ means
+        m2 = m2s.sum(0) + counts @ (means - mean).square()
+    else:
+        mean = (weights * means).sum(0)
+        m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
     return Moments(total, mean, m2)
 
 
 def merge_pair(a: Moments, b: Moments) -> Moments:
-    """:func:`merge_moments` of two sets of moments (e.g. a running total and a new batch)."""
-    return merge_moments(
-        torch.stack([a.count, b.count]), torch.stack([a.mean, b.mean]), torch.stack([a.m2, b.m2])
-    )
+    """The moments of the union of two sets (e.g. a running total and a new batch).
+
+    Chan et al.'s pairwise form of :func:`merge_moments`, without stacking: with
+    ``delta = mu_b - mu_a``, ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / N``.
+    """
+    total = a.count + b.count
+    scale = 1 / total.clamp(min=torch.finfo(total.dtype).tiny)
+    mean = a.mean * (a.count * scale) + b.mean * (b.count * scale)
+    m2 = a.m2 + b.m2 + (b.mean - a.mean).square() * (a.count * b.count * scale)
+    return Moments(total, mean, m2)
 
 
 def to_power_sums(m: Moments) -> tuple[Tensor, Tensor, Tensor]:

@@ -63,4 +63,8 @@ def test_coordinator_load_benchmark_reports_rate_and_latency() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "53 layers, 26560 channels" in result.stdout
-    assert re.search(r"\d+ reports/s, p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout), result.stdout
+    for server in ("bare gRPC", "coordinator"):
+        assert re.search(server + r" +\d+ reports/s, p50 +[\d.]+ ms, p99 +[\d.]+ ms", result.stdout), (
+            result.stdout
+        )
+    assert re.search(r"coordinator / bare gRPC throughput: [\d.]+", result.stdout), result.stdout

@@ -22,7 +22,9 @@ def test_merged_reports_are_the_statistics_of_the_concatenated_batches() -> None
     torch.manual_seed(0)
     parts = [torch.randn(n, 5, dtype=torch.float64) * 2 + 3 for n in (8, 24, 1)]
     merged = merge_reports(
-        [p.shape[0] for p in parts], [p.mean(0) for p in parts], [p.var(0, correction=0) for p in parts]
+        torch.tensor([p.shape[0] for p in parts]),
+        torch.stack([p.mean(0) for p in parts]),
+        torch.stack([p.var(0, correction=0) for p in parts]),
     )
     everything = torch.cat(parts)
     torch.testing.assert_close(merged.mean, everything.mean(0))
@@ -33,8 +35,10 @@ def test_a_worker_shifted_by_k_global_stds_drifts_by_about_k() -> None:
     torch.manual_seed(1)
     rest = torch.randn(20000, 6, dtype=torch.float64)
     shifted = torch.randn(20000, 6, dtype=torch.float64) + 3.0
-    merged = merge_reports([20000, 20000], [rest.mean(0), shifted.mean(0)],
-                           [rest.var(0, correction=0), shifted.var(0, correction=0)])  # fmt: skip
+    variances = torch.stack([rest.var(0, correction=0), shifted.var(0, correction=0)])
+    merged = merge_reports(
+        torch.tensor([20000, 20000]), torch.stack([rest.mean(0), shifted.mean(0)]), variances
+    )
     # The global std includes the shift itself: sqrt(1 + 1.5^2) for two equal halves.
     expected = 1.5 / math.sqrt(1 + 1.5**2)
     assert stats_drift(shifted.mean(0), merged.mean, merged.biased_var) == pytest.approx(expected, rel=0.02)

@@ -39,8 +39,8 @@ def test_global_statistics_are_the_merge_of_the_latest_reports() -> None:
     torch.testing.assert_close(merged.mean, both.mean(0))
     torch.testing.assert_close(merged.biased_var, both.var(0, correction=0))
     every = torch.cat([_batch(9, 5), a, b])  # the cumulative estimate keeps every report
-    torch.testing.assert_close(run.layers["bn1"].cumulative.mean, every.mean(0))
-    torch.testing.assert_close(run.layers["bn1"].cumulative.unbiased_var, every.var(0))
+    torch.testing.assert_close(run.cumulative("bn1").mean, every.mean(0))
+    torch.testing.assert_close(run.cumulative("bn1").unbiased_var, every.var(0))
     assert run.batch_sizes(now=2.0) == {"w0": 8, "w1": 24}
     assert run.reports == 3 and run.latest_step == 20
 
@@ -64,7 +64,7 @@ def test_ema_follows_the_merged_step_statistics() -> None:
     run.apply(parse_report(_request("w0", 1, first)), now=0.0)
     run.apply(parse_report(_request("w0", 2, second)), now=0.0)
     expected = 0.5 * first.mean(0) + 0.5 * second.mean(0)
-    torch.testing.assert_close(run.layers["bn1"].ema_mean, expected)
+    torch.testing.assert_close(run.ema("bn1")[0], expected)
 
 
 @pytest.mark.parametrize(
@@ -150,3 +150,48 @@ def test_fuzzed_reports_are_either_rejected_cleanly_or_applied(
         stats = run.global_stats(name, now=0.0)
         assert stats is not None and bool(torch.isfinite(stats.mean).all())
         assert bool(torch.isfinite(stats.m2).all())
+
+
+def _layer(name: str, x: torch.Tensor, running: bool = True) -> LayerStats:
+    c = x.shape[1]
+    return LayerStats(
+        layer=name, count=x.shape[0], mean=x.mean(0).tolist(), var=x.var(0, correction=0).tolist(),
+        running_mean=x.mean(0).tolist() if running else [], running_var=[1.0] * c if running else [],
+    )  # fmt: skip
+
+
+def test_layers_of_different_widths_reported_in_any_order_and_subset() -> None:
+    """Workers send different subsets of a model's layers, in different orders, some
+    without running buffers, and a layer appears only later: every statistic must
+    still be the per-layer one, computed here directly from the data."""
+    widths = {"a": 3, "b": 5, "c": 2}
+    data = {
+        (w, name): torch.randn(n, widths[name], generator=torch.Generator().manual_seed(10 * w + i),
+                               dtype=torch.float64) + (2.0 if w == 2 else 0.0)
+        for w, n in ((0, 7), (1, 12), (2, 30)) for i, name in enumerate(widths)
+    }  # fmt: skip
+    sent = {0: ["a", "b"], 1: ["c", "a", "b"], 2: ["c", "a"]}  # "c" is new with worker 1
+    run = RunState("run")
+    for w, names in sent.items():
+        layers = [_layer(name, data[w, name], running=w != 1 or name != "a") for name in names]
+        message = ReportRequest(run_id="run", worker_id=f"w{w}", step=1, batch_size=1, layers=layers)
+        run.apply(parse_report(message, run.channels()), now=0.0)
+    for name in widths:
+        everything = torch.cat([data[w, name] for w, names in sent.items() if name in names])
+        merged = run.global_stats(name, now=0.0)
+        torch.testing.assert_close(merged.mean, everything.mean(0))
+        torch.testing.assert_close(merged.biased_var, everything.var(0, correction=0))
+        assert float(merged.count) == everything.shape[0]
+    for w, names in sent.items():
+        shifts = []
+        for name in names:
+            everything = torch.cat([data[v, name] for v, ns in sent.items() if name in ns])
+            shift = (data[w, name].mean(0) - everything.mean(0)).abs()
+            shifts.append(float((shift / (everything.var(0, correction=0) + 1e-5).sqrt()).mean()))
+        assert run.drift(f"w{w}", now=0.0)[0] == pytest.approx(max(shifts), rel=1e-9)
+    # running means: layer "a" has buffers from w0 and w2 only, "b" from w0 and w1, "c" from w1 and w2
+    expected = 0.0
+    for name, holders in (("a", (0, 2)), ("b", (0, 1)), ("c", (1, 2))):
+        means = torch.stack([data[w, name].mean(0) for w in holders])
+        expected = max(expected, float(((means - means.mean(0)).abs() / (1 + 1e-5) ** 0.5).mean(1).max()))
+    assert run.running_stats_divergence(now=0.0) == pytest.approx(expected, rel=1e-9)

@@ -10,6 +10,7 @@ from syncnorm.moments import (
     from_power_sums,
     local_moments,
     merge_moments,
+    merge_pair,
     to_power_sums,
     update_running_stats,
 )
@@ -34,6 +35,37 @@ def test_merge_equals_moments_of_concatenation(sizes: list[int]) -> None:
     torch.testing.assert_close(merged.mean, flat.mean(1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(merged.biased_var, flat.var(1, correction=0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(merged.unbiased_var, flat.var(1, correction=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("n_a", "n_b"), [(5, 9), (0, 4), (4, 0), (0, 0)])
+def test_pairwise_merge_equals_moments_of_concatenation(n_a: int, n_b: int) -> None:
+    a, b = torch.randn(n_a, 3, dtype=torch.float64) + 1e4, torch.randn(n_b, 3, dtype=torch.float64) * 2
+    merged = merge_pair(local_moments(a, torch.float64), local_moments(b, torch.float64))
+    both = torch.cat([a, b])
+    assert float(merged.count) == n_a + n_b
+    if n_a + n_b:
+        torch.testing.assert_close(merged.mean, both.mean(0), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(merged.biased_var, both.var(0, correction=0), rtol=1e-9, atol=1e-9)
+    else:
+        assert not merged.mean.any() and not merged.m2.any()
+
+
+def test_merges_take_a_count_per_channel() -> None:
+    """The coordinator lays layers of different counts side by side: channel j of
+    worker i holds counts[i, j] values."""
+    counts = torch.tensor([[3, 3, 0], [5, 5, 2]])
+    data = [[torch.randn(int(counts[i, j]), dtype=torch.float64) for j in range(3)] for i in range(2)]
+    moments = [[local_moments(v.view(-1, 1), torch.float64) for v in row] for row in data]
+    means = torch.tensor([[float(m.mean[0]) for m in row] for row in moments], dtype=torch.float64)
+    m2s = torch.tensor([[float(m.m2[0]) for m in row] for row in moments], dtype=torch.float64)
+    merged = merge_moments(counts.double(), means, m2s)
+    paired = merge_pair(*(Moments(counts[i].double(), means[i], m2s[i]) for i in range(2)))
+    for j in range(3):
+        column = torch.cat([data[0][j], data[1][j]])
+        for result in (merged, paired):
+            assert float(result.count[j]) == column.numel()
+            torch.testing.assert_close(result.mean[j], column.mean(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(result.biased_var[j], column.var(correction=0), rtol=1e-12, atol=1e-12)
 
 
 def test_merge_of_nothing_is_empty() -> None:

@@ -32,21 +32,40 @@ from syncnorm.moments import Moments, merge_moments
 EPS = 1e-5
 
 
-def merge_reports(counts: Sequence[float], means: Sequence[Tensor], variances: Sequence[Tensor]) -> Moments:
-    """The exact moments of the union of the workers' reported batches of one layer
-    (each report: count, per-channel mean, biased variance)."""
-    count = torch.tensor(counts, dtype=torch.float64)
-    mean = torch.stack([m.double() for m in means])
-    m2 = torch.stack([v.double() for v in variances]) * count[:, None]
-    return merge_moments(count, mean, m2)
+def merge_reports(counts: Tensor, means: Tensor, variances: Tensor) -> Moments:
+    """The exact moments of the union of the workers' reported batches.
+
+    Args:
+        counts: ``(W,)`` values per channel in each worker's batch, or ``(W, C)``
+            when the channels belong to layers of different counts.
+        means: ``(W, C)`` per-channel means.
+        variances: ``(W, C)`` per-channel biased variances.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    means, variances = torch.as_tensor(means).double(), torch.as_tensor(variances).double()
+    m2 = variances * (counts[:, None] if counts.dim() == 1 else counts)
+    return merge_moments(counts, means, m2)
+
+
+def standardized_shift(
+    worker_mean: Tensor, global_mean: Tensor, global_var: Tensor, eps: float = EPS
+) -> Tensor:
+    """Per channel ``|mu_w - mu_g| / sqrt(var_g + eps)``; :func:`stats_drift` averages it."""
+    return (worker_mean - global_mean).abs() / (global_var + eps).sqrt()
 
 
 def stats_drift(worker_mean: Tensor, global_mean: Tensor, global_var: Tensor, eps: float = EPS) -> float:
-    return float(((worker_mean - global_mean).abs() / (global_var + eps).sqrt()).mean())
+    """Drift of a worker in one layer (see the module docstring)."""
+    return float(standardized_shift(worker_mean, global_mean, global_var, eps).mean())
+
+
+def log_var_ratios(worker_var: Tensor, global_var: Tensor, eps: float = EPS) -> Tensor:
+    """Per channel ``log((var_w + eps) / (var_g + eps))``; :func:`log_var_ratio` averages it."""
+    return ((worker_var + eps) / (global_var + eps)).log()
 
 
 def log_var_ratio(worker_var: Tensor, global_var: Tensor, eps: float = EPS) -> float:
-    return float(((worker_var + eps) / (global_var + eps)).log().mean())
+    return float(log_var_ratios(worker_var, global_var, eps).mean())
 
 
 def batch_size_mismatch_ratio(batch_sizes: Sequence[int]) -> float:
@@ -58,6 +77,24 @@ def batch_size_mismatch_ratio(batch_sizes: Sequence[int]) -> float:
     return largest / smallest
 
 
+def running_mean_spread(
+    running_means: Tensor, running_vars: Tensor, present: Tensor | None = None, eps: float = EPS
+) -> Tensor:
+    """``(W, C)``: each worker's ``|rm_w,c - rm_avg,c| / sqrt(rv_avg,c + eps)``.
+
+    ``present`` (``(W, C)`` bool) marks the workers that hold buffers for a
+    channel; the averages are over those, and absent entries read 0.
+    """
+    means, variances = running_means.double(), running_vars.double()
+    if present is None:
+        present = torch.ones_like(means, dtype=torch.bool)
+    weight = present.double()
+    holders = weight.sum(0).clamp(min=1)
+    average = torch.where(present, means, 0.0).sum(0) / holders
+    scale = (torch.where(present, variances, 0.0).sum(0) / holders + eps).sqrt()
+    return torch.where(present, (means - average).abs() / scale, 0.0)
+
+
 def running_stats_divergence(
     running_means: Sequence[Tensor], running_vars: Sequence[Tensor], eps: float = EPS
 ) -> float:
@@ -65,9 +102,8 @@ def running_stats_divergence(
     from the workers' average (see the module docstring)."""
     if len(running_means) < 2:
         return 0.0
-    means = torch.stack([m.double() for m in running_means])
-    scale = (torch.stack([v.double() for v in running_vars]).mean(0) + eps).sqrt()
-    return float(((means - means.mean(0)).abs() / scale).mean(1).max())
+    spread = running_mean_spread(torch.stack(list(running_means)), torch.stack(list(running_vars)), eps=eps)
+    return float(spread.mean(1).max())
 
 
 def recommend_batch_sizes(

@@ -75,15 +75,17 @@ class Coordinator:
         with self.lock:
             run = self.run(run_id)
             layers = []
-            for name, layer in sorted(run.layers.items()):
+            for name in sorted(run.layout.names):
                 entry = pb.GlobalLayerStats(layer=name)
-                if layer.cumulative is not None:
-                    entry.count = float(layer.cumulative.count)
-                    entry.cumulative_mean.extend(layer.cumulative.mean.tolist())
-                    entry.cumulative_var.extend(layer.cumulative.unbiased_var.tolist())
-                if layer.ema_mean is not None and layer.ema_var is not None:
-                    entry.ema_mean.extend(layer.ema_mean.tolist())
-                    entry.ema_var.extend(layer.ema_var.tolist())
+                cumulative = run.cumulative(name)
+                if cumulative is not None:
+                    entry.count = float(cumulative.count)
+                    entry.cumulative_mean.extend(cumulative.mean.tolist())
+                    entry.cumulative_var.extend(cumulative.unbiased_var.tolist())
+                ema = run.ema(name)
+                if ema is not None:
+                    entry.ema_mean.extend(ema[0].tolist())
+                    entry.ema_var.extend(ema[1].tolist())
                 layers.append(entry)
             return pb.GetGlobalStatsResponse(run_id=run_id, layers=layers, step=max(run.latest_step, 0))
 
@@ -95,9 +97,10 @@ class Coordinator:
             sizes = run.batch_sizes(now)
             total = sum(sizes.values())
             recommended = run.recommendations(now=now) if total >= len(sizes) else {}
+            snapshot = run.snapshot(now)
             workers = []
             for worker_id, record in sorted(run.workers.items()):
-                drift, ratio = run.drift(worker_id, now)
+                drift, ratio = snapshot.worker_drift(worker_id)
                 report = record.report
                 workers.append(pb.WorkerInfo(
                     worker_id=worker_id, device_kind=report.device_kind, step=report.step,
@@ -109,7 +112,7 @@ class Coordinator:
             mismatch = batch_size_mismatch_ratio(list(sizes.values()))
             return pb.ListWorkersResponse(
                 run_id=run_id, workers=workers, global_batch_size=total, batch_size_mismatch_ratio=mismatch,
-                running_stats_divergence=run.running_stats_divergence(now),
+                running_stats_divergence=snapshot.divergence,
             )  # fmt: skip
 
     def recommend(self, run_id: str, global_batch: int | None) -> dict[str, int]:
@@ -218,19 +221,20 @@ class CoordinatorCollector(Collector):
             for run_id, run in sorted(c.runs.items()):
                 live = run.live(now)
                 sizes = run.batch_sizes(now)
+                snapshot = run.snapshot(now)
                 global_batch.add_metric([run_id], sum(sizes.values()))
                 ratio = batch_size_mismatch_ratio(list(sizes.values()))
                 mismatch.add_metric([run_id], ratio if math.isfinite(ratio) else math.inf)
-                divergence.add_metric([run_id], run.running_stats_divergence(now))
+                divergence.add_metric([run_id], snapshot.divergence)
                 workers.add_metric([run_id, "live"], len(live))
                 workers.add_metric([run_id, "stale"], len(run.workers) - len(live))
                 reports.add_metric([run_id], run.reports)
-                for layer, value in sorted(run.layer_drift(now).items()):
+                for layer, value in sorted(snapshot.layer_drift().items()):
                     layer_drift.add_metric([run_id, layer], value)
                 advice = run.recommendations(now=now) if sum(sizes.values()) >= len(sizes) else {}
                 for worker_id, record in sorted(run.workers.items()):
                     batch.add_metric([run_id, worker_id], record.report.batch_size)
-                    worker_drift.add_metric([run_id, worker_id], run.drift(worker_id, now)[0])
+                    worker_drift.add_metric([run_id, worker_id], snapshot.worker_drift(worker_id)[0])
                     last.add_metric([run_id, worker_id], record.last_seen)
                     if worker_id in advice:
                         recommended.add_metric([run_id, worker_id], advice[worker_id])

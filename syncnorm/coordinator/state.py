@@ -5,13 +5,19 @@ changes nothing.  Global statistics of a layer are the exact merge of the
 latest report of every live worker (count-weighted); the cumulative estimate
 merges every accepted report; the EMA follows the merged latest reports, one
 update per new step.
+
+All statistics of a run sit in flat per-channel arrays, the layers side by
+side in a :class:`Layout`, so that taking a report or computing every metric
+is a few vectorized operations however many layers a model has.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -36,17 +42,81 @@ class InvalidReport(ValueError):
 
 
 @dataclass(frozen=True)
-class LayerReport:
-    count: float
-    mean: Tensor
-    var: Tensor
-    running_mean: Tensor | None
-    running_var: Tensor | None
+class Layout:
+    """Where each layer's channels sit in a flat per-channel array.
+
+    Layer ``i`` owns ``channels[i]`` consecutive entries starting at ``offsets[i]``.
+    """
+
+    names: tuple[str, ...] = ()
+    channels: tuple[int, ...] = ()
+
+    @cached_property
+    def size(self) -> int:
+        return sum(self.channels)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        starts = [0]
+        for c in self.channels[:-1]:
+            starts.append(starts[-1] + c)
+        return tuple(starts) if self.channels else ()
+
+    @cached_property
+    def channel_counts(self) -> dict[str, int]:
+        return dict(zip(self.names, self.channels, strict=True))
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    @cached_property
+    def layer_of_channel(self) -> Tensor:
+        """``(C,)``: the layer index of every channel."""
+        return torch.repeat_interleave(
+            torch.arange(len(self.names)), torch.tensor(self.channels, dtype=torch.long)
+        )
+
+    def per_channel(self, per_layer: Tensor) -> Tensor:
+        """``(..., L) -> (..., C)``: each layer's value repeated over its channels."""
+        return per_layer[..., self.layer_of_channel]
+
+    def layer_mean(self, per_channel: Tensor) -> Tensor:
+        """``(..., C) -> (..., L)``: the mean over each layer's channels."""
+        sums = per_channel.new_zeros((*per_channel.shape[:-1], len(self.names)))
+        sums.index_add_(-1, self.layer_of_channel, per_channel)
+        return sums / torch.tensor(self.channels, dtype=per_channel.dtype)
+
+    def slice(self, name: str) -> slice:
+        i = self.index[name]
+        return slice(self.offsets[i], self.offsets[i] + self.channels[i])
+
+    def extended(self, other: Layout) -> Layout:
+        """This layout with ``other``'s unknown layers appended."""
+        new = [(n, c) for n, c in zip(other.names, other.channels, strict=True) if n not in self.index]
+        if not new:
+            return self
+        return Layout(self.names + tuple(n for n, _ in new), self.channels + tuple(c for _, c in new))
+
+    def positions(self, other: Layout) -> tuple[Tensor, Tensor]:
+        """Indices in this layout of ``other``'s layers ``(L_other,)`` and channels
+        ``(C_other,)``; every layer of ``other`` must be here."""
+        layers = torch.tensor([self.index[n] for n in other.names], dtype=torch.long)
+        starts = torch.tensor(self.offsets, dtype=torch.long)[layers]
+        within = (
+            torch.arange(other.size) - torch.tensor(other.offsets, dtype=torch.long)[other.layer_of_channel]
+        )
+        return layers, starts[other.layer_of_channel] + within
 
 
 @dataclass(frozen=True)
 class Report:
-    """A validated worker report (the protobuf message, checked and converted)."""
+    """A validated worker report (the protobuf message, checked and converted).
+
+    Per-layer values are ``(L,)`` and per-channel values ``(C,)`` float64
+    tensors in ``layout``'s order.  ``running_mean``/``running_var`` are NaN in
+    layers that sent no running buffers.
+    """
 
     run_id: str
     worker_id: str
@@ -54,34 +124,33 @@ class Report:
     device_kind: str
     batch_size: int
     step_time_seconds: float
-    layers: dict[str, LayerReport]
+    layout: Layout
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.layout.names
 
 
-@dataclass
-class WorkerRecord:
-    report: Report
-    last_seen: float
+def _check_values(values: np.ndarray, layout: Layout, what: str) -> None:
+    bad = ~np.isfinite(values)
+    reason, detail = "not_finite", "has NaN or infinite values"
+    if not bad.any():
+        bad = np.abs(values) > MAX_MAGNITUDE
+        reason, detail = "too_large", f"has values beyond {MAX_MAGNITUDE:g}"
+    if not bad.any() and what.endswith("var"):
+        bad = values < 0
+        reason, detail = "negative", "must be >= 0"
+    if bad.any():
+        layer = layout.names[int(layout.layer_of_channel[int(np.argmax(bad))])]
+        raise InvalidReport(reason, f"layer {layer!r}: {what} {detail}")
 
 
-@dataclass
-class LayerGlobal:
-    channels: int
-    cumulative: Moments | None = None
-    ema_mean: Tensor | None = None
-    ema_var: Tensor | None = None
-
-
-def _vector(values: object, what: str) -> Tensor:
-    # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
-    array = np.array(values, dtype=np.float64)
-    if not np.isfinite(array).all():
-        raise InvalidReport("not_finite", f"{what} has NaN or infinite values")
-    if array.size and np.abs(array).max() > MAX_MAGNITUDE:
-        raise InvalidReport("too_large", f"{what} has values beyond {MAX_MAGNITUDE:g}")
-    return torch.from_numpy(array)
-
-
-def parse_report(message: object, known_channels: dict[str, int] | None = None) -> Report:
+def parse_report(message: object, known_channels: Mapping[str, int] | None = None) -> Report:
     """Check a ``ReportRequest`` and convert it; raises :class:`InvalidReport`.
 
     ``known_channels``: the channel count of each layer as first reported in
@@ -98,53 +167,139 @@ def parse_report(message: object, known_channels: dict[str, int] | None = None) 
         raise InvalidReport("bad_step_time", "step_time_seconds must be finite and >= 0")
     if len(m.layers) > MAX_LAYERS:
         raise InvalidReport("too_many_layers", f"{len(m.layers)} layers, at most {MAX_LAYERS}")
-    layers: dict[str, LayerReport] = {}
+    known = known_channels or {}
+    names: list[str] = []
+    channels: list[int] = []
+    counts: list[float] = []
+    sent_running: list[bool] = []
+    # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
+    vectors: dict[str, list[np.ndarray]] = {"mean": [], "var": [], "running_mean": [], "running_var": []}
     for layer in m.layers:
-        if not layer.layer or len(layer.layer) > MAX_ID_LENGTH * 2 or layer.layer in layers:
+        if not layer.layer or len(layer.layer) > MAX_ID_LENGTH * 2 or layer.layer in names:
             raise InvalidReport(
                 "bad_layer_name", f"layer names must be unique and non-empty: {layer.layer!r}"
             )
-        channels = len(layer.mean)
-        if not 0 < channels <= MAX_CHANNELS or len(layer.var) != channels:
+        c = len(layer.mean)
+        if not 0 < c <= MAX_CHANNELS or len(layer.var) != c:
             raise InvalidReport(
                 "bad_shape", f"layer {layer.layer!r}: mean and var need 1..{MAX_CHANNELS} values each"
             )
-        for name in ("running_mean", "running_var"):
-            if len(getattr(layer, name)) not in (0, channels):
-                raise InvalidReport(
-                    "bad_shape", f"layer {layer.layer!r}: {name} must be empty or {channels} values"
-                )
-        expected = (known_channels or {}).get(layer.layer)
-        if expected is not None and expected != channels:
+        has_running = len(layer.running_mean)
+        if has_running not in (0, c) or len(layer.running_var) != has_running:
             raise InvalidReport(
-                "shape_changed", f"layer {layer.layer!r} had {expected} channels, now {channels}"
+                "bad_shape",
+                f"layer {layer.layer!r}: running_mean and running_var must both be empty or have {c} values",
             )
+        expected = known.get(layer.layer)
+        if expected is not None and expected != c:
+            raise InvalidReport("shape_changed", f"layer {layer.layer!r} had {expected} channels, now {c}")
         if not math.isfinite(layer.count) or not 0 <= layer.count <= MAX_MAGNITUDE:
             raise InvalidReport("negative", f"layer {layer.layer!r}: count must be finite and >= 0")
-        var = _vector(layer.var, f"layer {layer.layer!r} var")
-        if bool((var < 0).any()):
-            raise InvalidReport("negative", f"layer {layer.layer!r}: var must be >= 0")
-        running_var = (
-            _vector(layer.running_var, f"layer {layer.layer!r} running_var") if layer.running_var else None
-        )
-        if running_var is not None and bool((running_var < 0).any()):
-            raise InvalidReport("negative", f"layer {layer.layer!r}: running_var must be >= 0")
-        layers[layer.layer] = LayerReport(
-            count=float(layer.count),
-            mean=_vector(layer.mean, f"layer {layer.layer!r} mean"),
-            var=var,
-            running_mean=_vector(layer.running_mean, f"layer {layer.layer!r} running_mean")
-            if layer.running_mean
-            else None,
-            running_var=running_var,
-        )
+        names.append(layer.layer)
+        channels.append(c)
+        counts.append(layer.count)
+        vectors["mean"].append(np.array(layer.mean, dtype=np.float64))
+        vectors["var"].append(np.array(layer.var, dtype=np.float64))
+        sent_running.append(bool(has_running))
+        for field_name in ("running_mean", "running_var"):
+            values = getattr(layer, field_name)
+            vectors[field_name].append(np.array(values, dtype=np.float64) if has_running else np.zeros(c))
+    layout = Layout(tuple(names), tuple(channels))
+    flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in vectors.items()}
+    for what, values in flat.items():
+        _check_values(values, layout, what)
+    without_running = np.repeat(~np.array(sent_running, dtype=bool), channels)
+    for what in ("running_mean", "running_var"):
+        flat[what][without_running] = np.nan
+    tensors = {k: torch.from_numpy(v) for k, v in flat.items()}
     return Report(m.run_id, m.worker_id, int(m.step), m.device_kind, int(m.batch_size),
-                  float(m.step_time_seconds), layers)  # fmt: skip
+                  float(m.step_time_seconds), layout, torch.tensor(counts, dtype=torch.float64),
+                  **tensors)  # fmt: skip
+
+
+@dataclass
+class WorkerRecord:
+    """A worker's latest report, laid out in its run's :class:`Layout`.
+
+    ``count`` is 0 and ``present`` False in layers the report did not carry.
+    """
+
+    report: Report
+    last_seen: float
+    present: Tensor
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    @classmethod
+    def place(cls, report: Report, last_seen: float, layout: Layout) -> WorkerRecord:
+        if report.layout == layout:
+            present = torch.ones(len(layout.names), dtype=torch.bool)
+            return cls(report, last_seen, present, report.count, report.mean, report.var,
+                       report.running_mean, report.running_var)  # fmt: skip
+        layers, channels = layout.positions(report.layout)
+        present = torch.zeros(len(layout.names), dtype=torch.bool)
+        present[layers] = True
+        count = torch.zeros(len(layout.names), dtype=torch.float64)
+        count[layers] = report.count
+        placed = []
+        for values, fill in ((report.mean, 0.0), (report.var, 0.0), (report.running_mean, math.nan),
+                             (report.running_var, math.nan)):  # fmt: skip
+            out = torch.full((layout.size,), fill, dtype=torch.float64)
+            out[channels] = values
+            placed.append(out)
+        return cls(report, last_seen, present, count, *placed)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A run's analysis at one moment, computed once for every metric that reads it.
+
+    Args:
+        layout: the run's layers.
+        merged: exact moments of the latest reports of the live workers, per
+            channel (``count`` is per channel too).
+        reported: ``(L,)`` whether any live worker reported the layer.
+        workers: every worker of the run (live and stale), sorted.
+        live: ``(W,)`` which of ``workers`` are live.
+        drift: ``(W, L)`` each worker's drift in each layer; NaN where it sent
+            no values for the layer (absent or empty batch) or nobody live did.
+        log_var_ratio: ``(W, L)`` likewise.
+        divergence: running-stats divergence of the live workers.
+    """
+
+    layout: Layout
+    merged: Moments
+    reported: Tensor
+    workers: tuple[str, ...]
+    live: Tensor
+    drift: Tensor
+    log_var_ratio: Tensor
+    divergence: float
+
+    def worker_drift(self, worker_id: str) -> tuple[float, float]:
+        """(max over layers of the drift, max over layers of |log variance ratio|), 0 if none."""
+        i = self.workers.index(worker_id)
+        return _nanmax(self.drift[i]), _nanmax(self.log_var_ratio[i].abs())
+
+    def layer_drift(self) -> dict[str, float]:
+        """Per layer some live worker reported, the largest drift over live workers."""
+        live = self.drift[self.live]
+        return {
+            name: _nanmax(live[:, i]) for i, name in enumerate(self.layout.names) if bool(self.reported[i])
+        }
+
+
+def _nanmax(values: Tensor) -> float:
+    values = values[~values.isnan()]
+    return float(values.max()) if values.numel() else 0.0
 
 
 @dataclass
 class RunState:
-    """One run: its workers' latest reports and its layers' global statistics.
+    """One run: its workers' latest reports and its global statistics.
 
     Args:
         run_id: the run.
@@ -156,32 +311,58 @@ class RunState:
     momentum: float = 0.1
     stale_after_s: float = 60.0
     workers: dict[str, WorkerRecord] = field(default_factory=dict)
-    layers: dict[str, LayerGlobal] = field(default_factory=dict)
+    layout: Layout = field(default_factory=Layout)
     reports: int = 0
     latest_step: int = -1
+    cumulative_moments: Moments = field(default_factory=lambda: _empty_moments(0))
+    ema_mean: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    ema_var: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    ema_started: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
-    def channels(self) -> dict[str, int]:
-        return {name: layer.channels for name, layer in self.layers.items()}
+    def channels(self) -> Mapping[str, int]:
+        return self.layout.channel_counts
 
     def apply(self, report: Report, now: float | None = None) -> None:
         """Take a validated report (see :func:`parse_report`)."""
         now = time.time() if now is None else now
-        self.workers[report.worker_id] = WorkerRecord(report, now)
+        self._grow(report.layout)
+        record = WorkerRecord.place(report, now, self.layout)
+        self.workers[report.worker_id] = record
         self.reports += 1
-        for name, layer in report.layers.items():
-            state = self.layers.setdefault(name, LayerGlobal(channels=layer.mean.numel()))
-            if layer.count > 0:
-                batch = Moments(
-                    torch.tensor(layer.count, dtype=torch.float64), layer.mean, layer.var * layer.count
-                )
-                state.cumulative = batch if state.cumulative is None else merge_pair(state.cumulative, batch)
+        count = self.layout.per_channel(record.count)
+        batch = Moments(count, record.mean, record.var * count)
+        self.cumulative_moments = merge_pair(self.cumulative_moments, batch)
         if report.step > self.latest_step:
             self.latest_step = report.step
-            for name, state in self.layers.items():
-                merged = self.global_stats(name, now)
-                if merged is not None and float(merged.count) > 0:
-                    state.ema_mean = analysis.ema_update(state.ema_mean, merged.mean, self.momentum)
-                    state.ema_var = analysis.ema_update(state.ema_var, merged.unbiased_var, self.momentum)
+            merged, reported = self._merge_live(now)
+            with_values = reported & (self.layout_counts(merged) > 0)  # (L,)
+            update = self.layout.per_channel(with_values)
+            first = self.layout.per_channel(~self.ema_started)
+            for name, value in (("ema_mean", merged.mean), ("ema_var", merged.unbiased_var)):
+                previous = getattr(self, name)
+                moved = torch.where(first, value, analysis.ema_update(previous, value, self.momentum))
+                setattr(self, name, torch.where(update, moved, previous))
+            self.ema_started = self.ema_started | with_values
+
+    def layout_counts(self, moments: Moments) -> Tensor:
+        """``(L,)``: the per-layer count of per-channel moments."""
+        offsets = torch.tensor(self.layout.offsets, dtype=torch.long)
+        return moments.count[offsets] if len(offsets) else moments.count[:0]
+
+    def cumulative(self, layer: str) -> Moments | None:
+        """Every accepted report of ``layer`` merged; None before any values arrived."""
+        part = self.layout.slice(layer)
+        count = self.cumulative_moments.count[part.start]
+        if float(count) == 0:
+            return None
+        return Moments(count, self.cumulative_moments.mean[part], self.cumulative_moments.m2[part])
+
+    def ema(self, layer: str) -> tuple[Tensor, Tensor] | None:
+        """The EMA of ``layer``'s merged (mean, unbiased variance); None before it starts."""
+        if not bool(self.ema_started[self.layout.index[layer]]):
+            return None
+        part = self.layout.slice(layer)
+        return self.ema_mean[part], self.ema_var[part]
 
     def live(self, now: float | None = None) -> dict[str, WorkerRecord]:
         now = time.time() if now is None else now
@@ -189,55 +370,47 @@ class RunState:
 
     def global_stats(self, layer: str, now: float | None = None) -> Moments | None:
         """The merge of the latest report of every live worker for ``layer``."""
-        parts = [r.report.layers[layer] for r in self.live(now).values() if layer in r.report.layers]
-        if not parts:
+        merged, reported = self._merge_live(now)
+        i = self.layout.index[layer]
+        if not bool(reported[i]):
             return None
-        return analysis.merge_reports(
-            [p.count for p in parts], [p.mean for p in parts], [p.var for p in parts]
-        )
+        part = self.layout.slice(layer)
+        return Moments(merged.count[part.start], merged.mean[part], merged.m2[part])
+
+    def snapshot(self, now: float | None = None) -> Snapshot:
+        """Everything the metrics and ``ListWorkers`` read, computed in one pass."""
+        now = time.time() if now is None else now
+        merged, reported = self._merge_live(now)
+        layout = self.layout
+        names = tuple(sorted(self.workers))
+        records = [self.workers[w] for w in names]
+        live_ids = self.live(now)
+        live = torch.tensor([w in live_ids for w in names], dtype=torch.bool)
+        width = len(layout.names)
+        if records:
+            means = torch.stack([r.mean for r in records])
+            variances = torch.stack([r.var for r in records])
+            sent = torch.stack([r.present & (r.count > 0) for r in records]) & reported
+            global_var = merged.biased_var
+            drift = layout.layer_mean(analysis.standardized_shift(means, merged.mean, global_var))
+            ratio = layout.layer_mean(analysis.log_var_ratios(variances, global_var))
+            drift = torch.where(sent, drift, math.nan)
+            ratio = torch.where(sent, ratio, math.nan)
+        else:
+            drift = ratio = torch.zeros((0, width), dtype=torch.float64)
+        return Snapshot(layout, merged, reported, names, live, drift, ratio,
+                        self._divergence([self.workers[w] for w in names if w in live_ids]))  # fmt: skip
 
     def drift(self, worker_id: str, now: float | None = None) -> tuple[float, float]:
         """(max over layers of the drift, max over layers of |log variance ratio|) of a worker."""
-        record = self.workers[worker_id]
-        drift, ratio = 0.0, 0.0
-        for name, layer in record.report.layers.items():
-            merged = self.global_stats(name, now)
-            if merged is None or layer.count == 0:
-                continue
-            drift = max(drift, analysis.stats_drift(layer.mean, merged.mean, merged.biased_var))
-            ratio = max(ratio, abs(analysis.log_var_ratio(layer.var, merged.biased_var)))
-        return drift, ratio
+        return self.snapshot(now).worker_drift(worker_id)
 
     def layer_drift(self, now: float | None = None) -> dict[str, float]:
         """Per layer, the largest drift over live workers."""
-        out: dict[str, float] = {}
-        live = self.live(now)
-        for name in self.layers:
-            merged = self.global_stats(name, now)
-            if merged is None:
-                continue
-            out[name] = max(
-                (analysis.stats_drift(r.report.layers[name].mean, merged.mean, merged.biased_var)
-                 for r in live.values() if name in r.report.layers and r.report.layers[name].count > 0),
-                default=0.0,
-            )  # fmt: skip
-        return out
+        return self.snapshot(now).layer_drift()
 
     def running_stats_divergence(self, now: float | None = None) -> float:
-        live = self.live(now)
-        worst = 0.0
-        for name in self.layers:
-            parts = [r.report.layers[name] for r in live.values() if name in r.report.layers]
-            buffers = [
-                (p.running_mean, p.running_var)
-                for p in parts
-                if p.running_mean is not None and p.running_var is not None
-            ]
-            if len(buffers) > 1:
-                worst = max(
-                    worst, analysis.running_stats_divergence([b[0] for b in buffers], [b[1] for b in buffers])
-                )
-        return worst
+        return self._divergence(list(self.live(now).values()))
 
     def batch_sizes(self, now: float | None = None) -> dict[str, int]:
         return {w: r.report.batch_size for w, r in self.live(now).items()}
@@ -249,3 +422,54 @@ class RunState:
             {w: r.report.step_time_seconds for w, r in live.items()},
             global_batch,
         )
+
+    def _merge_live(self, now: float | None) -> tuple[Moments, Tensor]:
+        records = list(self.live(now).values())
+        if not records:
+            return _empty_moments(self.layout.size), torch.zeros(len(self.layout.names), dtype=torch.bool)
+        counts = self.layout.per_channel(torch.stack([r.count for r in records]))
+        merged = analysis.merge_reports(counts, torch.stack([r.mean for r in records]),
+                                        torch.stack([r.var for r in records]))  # fmt: skip
+        reported = torch.stack([r.present for r in records]).any(0)
+        return merged, reported
+
+    def _divergence(self, records: list[WorkerRecord]) -> float:
+        if len(records) < 2:
+            return 0.0
+        means = torch.stack([r.running_mean for r in records])
+        variances = torch.stack([r.running_var for r in records])
+        present = ~means.isnan()
+        spread = self.layout.layer_mean(analysis.running_mean_spread(means, variances, present))
+        has = self.layout.layer_mean(present.double()) > 0  # (W, L): the worker sent buffers
+        enough = has.sum(0) >= 2
+        return _nanmax(torch.where(has & enough, spread, math.nan))
+
+    def _grow(self, layout: Layout) -> None:
+        grown = self.layout.extended(layout)
+        if grown is self.layout:
+            return
+        old, extra = self.layout, grown.size - self.layout.size
+        new_layers = len(grown.names) - len(old.names)
+
+        def pad(t: Tensor, n: int, fill: float | bool) -> Tensor:
+            return torch.cat([t, torch.full((n,), fill, dtype=t.dtype)])
+
+        c = self.cumulative_moments
+        self.cumulative_moments = Moments(
+            pad(c.count, extra, 0.0), pad(c.mean, extra, 0.0), pad(c.m2, extra, 0.0)
+        )
+        self.ema_mean, self.ema_var = pad(self.ema_mean, extra, 0.0), pad(self.ema_var, extra, 0.0)
+        self.ema_started = pad(self.ema_started, new_layers, False)
+        for r in self.workers.values():
+            r.present, r.count = pad(r.present, new_layers, False), pad(r.count, new_layers, 0.0)
+            r.mean, r.var = pad(r.mean, extra, 0.0), pad(r.var, extra, 0.0)
+            r.running_mean, r.running_var = (
+                pad(r.running_mean, extra, math.nan),
+                pad(r.running_var, extra, math.nan),
+            )
+        self.layout = grown
+
+
+def _empty_moments(size: int) -> Moments:
+    zeros = torch.zeros(size, dtype=torch.float64)
+    return Moments(zeros, zeros.clone(), zeros.clone())
