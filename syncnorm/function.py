@@ -9,9 +9,19 @@ Forward (one collective)::
 
 Backward (one collective), with xhat = (x - mu) * invstd::
 
-    (sum dy, sum dy * (x - mu)) over the *global* batch   = reducer.sum_across_workers(...)
-    dx = weight * invstd * (dy - sum_dy / N - (x - mu) * invstd**2 * sum_dy_xmu / N)
+    (sum dy, sum dy * xhat) over the *global* batch      = reducer.sum_across_workers(...)
+    dx = weight * invstd * (dy - sum_dy / N - xhat * sum_dy_xhat / N)
     dweight = local sum dy * xhat,  dbias = local sum dy     # per worker; DDP adds them
+
+Every pass over the activation is one of torch's own fused batch-norm kernels,
+so a call reads and writes the activation as often as local batch norm does:
+the statistics (``torch.batch_norm_update_stats``), the output (eval-mode
+``batch_norm`` with the global statistics), the gradient sums
+(``native_batch_norm_backward`` asked for the weight and bias gradients only),
+and ``dx`` (eval-mode ``batch_norm`` as a per-channel affine map of ``x``, plus
+``weight * invstd * dy``).  Like torch's own kernels, the output and ``dx``
+passes fold the mean into a per-channel offset, which costs about
+``eps_dtype * |mean| / std`` of relative precision.
 
 ``observe(local, total)``, when given, sees this worker's moments and the
 merged ones of every call (for precise BN and monitoring).
@@ -23,12 +33,14 @@ float64), and the output has the input's dtype and memory format.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from syncnorm.moments import Moments, local_moments, reduction_dims, update_running_stats
+from syncnorm.moments import Moments, local_moments, update_running_stats
 from syncnorm.transports.base import LayerKey, StatsReducer
 
 
@@ -68,6 +80,32 @@ def check_enough_values(total: Moments, local_count: int, input_shape: torch.Siz
         )
 
 
+def _autocast_off(device_type: str) -> AbstractContextManager:
+    """Autocast switched off, as cheaply as possible when it is not on anyway."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def local_gradient_sums(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum dy * xhat, sum dy)`` per channel over this worker's batch, with
+    ``xhat = (x - mean) * invstd`` for the given (global) ``mean`` and ``invstd``.
+
+    One fused pass: torch's batch-norm backward kernel asked for the weight and
+    bias gradients only.  An empty batch sums to zeros.
+    """
+    if x.numel() == 0:
+        return mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
+    )
+    return sum_dy_xhat, sum_dy
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Batch norm over the union of all workers' batches; see the module docstring."""
 
@@ -86,8 +124,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         observe: Callable[[Moments, Moments], None] | None = None,
     ) -> Tensor:
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dtype)  # one upcast for half inputs, shared by statistics and output
+        with _autocast_off(x.device.type):
+            xc = x if x.dtype == dtype else x.to(dtype)  # one upcast for half inputs, shared
             local = local_moments(xc, dtype)
             total = reducer.merge_moments(local, layer)
             check_enough_values(total, x.numel() // max(x.shape[1], 1), x.shape)
@@ -98,11 +136,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if running_mean is not None and running_var is not None:
                 update_running_stats(running_mean, running_var, batch, average_factor)
 
-            scale = invstd if weight is None else invstd * weight.to(dtype)
-            shift = -batch.mean * scale
-            if bias is not None:
-                shift = shift + bias.to(dtype)
-            y = torch.addcmul(_channel_view(shift, x.dim()), xc, _channel_view(scale, x.dim()))
+            # The fused eval-mode kernel normalizes with the given (here: global) statistics.
+            y = F.batch_norm(xc, batch.mean, batch.biased_var, _as(weight, dtype), _as(bias, dtype),
+                             training=False, eps=eps)  # fmt: skip
 
         ctx.save_for_backward(x, weight, batch.mean, invstd, batch.count)
         ctx.reducer = reducer
@@ -114,26 +150,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd, count = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = mean.dtype
-        dims = reduction_dims(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xmu = x.to(dtype) - _channel_view(mean, x.dim())
-            dyc = dy.to(dtype)
-            sum_dy = dyc.sum(dims)  # an empty batch sums to zeros
-            sum_dy_xmu = (dyc * xmu).sum(dims)
+        with _autocast_off(x.device.type):
+            xc, dyc = x.to(dtype), dy.to(dtype)
+            sum_dy_xhat, sum_dy = local_gradient_sums(dyc, xc, mean, invstd)
 
             grad_x = None
             if need_x:
                 c = mean.numel()
-                totals = ctx.reducer.sum_across_workers(torch.cat([sum_dy, sum_dy_xmu]), ctx.layer)
-                mean_dy = totals[:c] / count
-                mean_dy_xmu = totals[c:] / count
+                totals = ctx.reducer.sum_across_workers(torch.cat([sum_dy, sum_dy_xhat]), ctx.layer)
+                mean_dy, mean_dy_xhat = totals[:c] / count, totals[c:] / count
                 scale = invstd if weight is None else invstd * weight.to(dtype)
-                grad_x = (
-                    dyc
-                    - _channel_view(mean_dy, x.dim())
-                    - xmu * _channel_view(invstd.square() * mean_dy_xmu, x.dim())
-                ) * _channel_view(scale, x.dim())
+                # dx = scale * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean) * invstd:
+                # an affine map of x per channel (one fused kernel) plus scale * dy.
+                grad_x = F.batch_norm(xc, mean, torch.ones_like(mean), -scale * invstd * mean_dy_xhat,
+                                      -scale * mean_dy, training=False, eps=0.0)  # fmt: skip
+                grad_x.addcmul_(dyc, _channel_view(scale, x.dim()))
                 grad_x = grad_x.to(x.dtype, memory_format=memory_format_of(x))
-            grad_w = (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None
+            grad_w = sum_dy_xhat.to(weight.dtype) if need_w else None
             grad_b = sum_dy.to(weight.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None

@@ -68,17 +68,21 @@ def reduction_dims(x: Tensor) -> list[int]:
 def local_moments(x: Tensor, dtype: torch.dtype) -> Moments:
     """Moments of each channel of ``x`` (layout ``(N, C, *)``), computed in ``dtype``.
 
-    ``torch.var_mean`` computes its result with Welford's algorithm on CPU and
-    CUDA, so ``m2`` is accurate even when ``|mean| >> std``.  An empty batch
-    gives ``count = 0`` and zero mean and m2, which merge as a no-op.
+    For inputs already in ``dtype`` this is ``torch.batch_norm_update_stats``,
+    the statistics pass of torch's own batch norm kernels (CPU and CUDA, any
+    memory format; it accumulates deviations from the mean, so ``m2`` stays
+    accurate when ``|mean| >> std``) and several times faster than
+    ``torch.var_mean`` over the same dimensions.  Other inputs are converted to
+    ``dtype`` first.  An empty batch gives ``count = 0`` and zero mean and m2,
+    which merge as a no-op.
     """
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
     if count == 0:
         zeros = torch.zeros(channels, dtype=dtype, device=x.device)
         return Moments(torch.zeros((), dtype=dtype, device=x.device), zeros, zeros.clone())
-    var, mean = torch.var_mean(x.to(dtype), dim=reduction_dims(x), correction=0)
-    n = torch.tensor(float(count), dtype=dtype, device=x.device)
+    mean, var = torch.batch_norm_update_stats(x.to(dtype), None, None, 0.0)
+    n = torch.full((), float(count), dtype=dtype, device=x.device)
     return Moments(n, mean, var * n)
 
 
@@ -139,5 +143,5 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: Momen
     batch variance, which is what ``torch.nn.BatchNorm`` stores.  ``factor`` is
     the momentum, or ``1 / num_batches_tracked`` for a cumulative average.
     """
-    running_mean.mul_(1.0 - factor).add_(batch.mean.to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1.0 - factor).add_(batch.unbiased_var.to(running_var.dtype), alpha=factor)
+    running_mean.lerp_(batch.mean.to(running_mean.dtype), factor)
+    running_var.lerp_(batch.unbiased_var.to(running_var.dtype), factor)

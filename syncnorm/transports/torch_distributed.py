@@ -82,6 +82,16 @@ class _PendingCheck:
     ranks_gathered: bool
 
 
+@dataclass
+class _RoundBuffers:
+    """One layer's all-gather buffers for one direction: the payload (signature
+    first), the gathered rows, and the signature column every row must show."""
+
+    payload: Tensor
+    gathered: Tensor
+    expected: Tensor
+
+
 class TorchDistributedReducer(StatsReducer):
     """Synchronizes SyncBN statistics over a torch.distributed process group.
 
@@ -132,6 +142,7 @@ class TorchDistributedReducer(StatsReducer):
         self._names: dict[int, str] = {}
         self._pending: list[_PendingCheck] = []
         self._calls: Counter[tuple[int, str]] = Counter()
+        self._round_buffers: dict[tuple[int, str], _RoundBuffers] = {}
 
     def __deepcopy__(self, memo: dict) -> TorchDistributedReducer:
         # A handle on a process group: copies of a model (EMA, eval copies) share it.
@@ -141,19 +152,14 @@ class TorchDistributedReducer(StatsReducer):
 
     def merge_moments(self, local: Moments, layer: LayerKey) -> Moments:
         self._start_round(layer, local.mean.device, "forward")
-        sig = float(layer.signature)
+        c = layer.num_features
         if self.primitive == "all_gather":
-            payload = torch.cat(
-                [
-                    torch.tensor([sig], dtype=_PAYLOAD_DTYPE, device=local.mean.device),
-                    local.count.to(_PAYLOAD_DTYPE).reshape(1),
-                    local.mean.to(_PAYLOAD_DTYPE),
-                    local.m2.to(_PAYLOAD_DTYPE),
-                ]
-            )
-            rows = self._all_gather(payload, layer, "forward")
-            self._check(rows[:, 0], layer, "forward", ranks_gathered=True)
-            c = layer.num_features
+            buffers = self._buffers(layer, "forward", 2 + 2 * c, local.mean.device)
+            body = buffers.payload[1:]
+            body[0].copy_(local.count)
+            body[1 : 1 + c].copy_(local.mean)
+            body[1 + c :].copy_(local.m2)
+            rows = self._all_gather(buffers, layer, "forward")
             return merge_moments(rows[:, 1], rows[:, 2 : 2 + c], rows[:, 2 + c :])
         n, s1, s2 = to_power_sums(
             Moments(
@@ -162,28 +168,45 @@ class TorchDistributedReducer(StatsReducer):
                 local.m2.to(_PAYLOAD_DTYPE),
             )
         )
-        total = self._all_reduce_signed(torch.cat([n.reshape(1), s1, s2]), sig, layer, "forward")
-        c = layer.num_features
+        total = self._all_reduce_signed(torch.cat([n.reshape(1), s1, s2]), layer, "forward")
         return from_power_sums(total[0], total[1 : 1 + c], total[1 + c :])
 
     def sum_across_workers(self, local: Tensor, layer: LayerKey) -> Tensor:
         self._start_round(layer, local.device, "backward")
-        sig = float(layer.signature)
         if self.primitive == "all_gather":
-            payload = torch.cat(
-                [torch.tensor([sig], dtype=_PAYLOAD_DTYPE, device=local.device), local.to(_PAYLOAD_DTYPE)]
-            )
-            rows = self._all_gather(payload, layer, "backward")
-            self._check(rows[:, 0], layer, "backward", ranks_gathered=True)
+            buffers = self._buffers(layer, "backward", 1 + local.numel(), local.device)
+            buffers.payload[1:].copy_(local)
+            rows = self._all_gather(buffers, layer, "backward")
             return rows[:, 1:].sum(0).to(local.dtype)
-        return self._all_reduce_signed(local.to(_PAYLOAD_DTYPE), sig, layer, "backward").to(local.dtype)
+        return self._all_reduce_signed(local.to(_PAYLOAD_DTYPE), layer, "backward").to(local.dtype)
 
     # -- collectives ----------------------------------------------------------
 
-    def _all_gather(self, payload: Tensor, layer: LayerKey, direction: str) -> Tensor:
-        out = payload.new_empty(self.world_size * payload.numel())
-        self._wait(lambda: all_gather_into(out, payload, self.group, async_op=True), layer, direction)
-        return out.view(self.world_size, -1)
+    def _buffers(self, layer: LayerKey, direction: str, size: int, device: torch.device) -> _RoundBuffers:
+        """A layer's send and receive buffers for one direction, kept between calls
+        (every call has the same size), with the signature already in place."""
+        key = (layer.instance, direction)
+        buffers = self._round_buffers.get(key)
+        if buffers is None or buffers.payload.numel() != size or buffers.payload.device != device:
+            payload = torch.empty(size, dtype=_PAYLOAD_DTYPE, device=device)
+            payload[0] = float(layer.signature)
+            gathered = payload.new_empty(self.world_size * size)
+            expected = torch.full(
+                (self.world_size,), float(layer.signature), dtype=_PAYLOAD_DTYPE, device=device
+            )
+            buffers = self._round_buffers[key] = _RoundBuffers(payload, gathered, expected)
+        return buffers
+
+    def _all_gather(self, buffers: _RoundBuffers, layer: LayerKey, direction: str) -> Tensor:
+        """All-gather ``buffers.payload``; the rows, after checking every rank's signature."""
+        out = buffers.gathered
+        self._wait(lambda: all_gather_into(out, buffers.payload, self.group, async_op=True), layer, direction)
+        rows = out.view(self.world_size, -1)
+        if rows.device.type == "cuda":
+            self._check(rows[:, 0], layer, direction, ranks_gathered=True)
+        elif not torch.equal(rows[:, 0], buffers.expected):
+            self._raise_if_mismatch(rows[:, 0], layer, direction, ranks_gathered=True)
+        return rows
 
     def _wait(self, start: Callable[[], dist.Work | None], layer: LayerKey, direction: str) -> None:
         """Run one collective; a dead, hung or missing peer becomes a SynchronizationError."""
@@ -203,9 +226,10 @@ class TorchDistributedReducer(StatsReducer):
                 "run out of data early, see syncnorm.SyncBatchNormJoin."
             ) from error
 
-    def _all_reduce_signed(self, body: Tensor, sig: float, layer: LayerKey, direction: str) -> Tensor:
+    def _all_reduce_signed(self, body: Tensor, layer: LayerKey, direction: str) -> Tensor:
         # (sig, sig^2) summed over workers equals (W*s, W*s^2) only if every
         # worker sent s: the variance of the signatures is then zero.
+        sig = float(layer.signature)
         head = torch.tensor([sig, sig * sig], dtype=_PAYLOAD_DTYPE, device=body.device)
         total = torch.cat([head, body])
         self._wait(lambda: dist.all_reduce(total, group=self.group, async_op=True), layer, direction)
@@ -224,7 +248,9 @@ class TorchDistributedReducer(StatsReducer):
         mine = torch.tensor(
             [float(layer.signature), float(layer.num_features)], dtype=_PAYLOAD_DTYPE, device=device
         )
-        rows = self._all_gather(mine, layer, "handshake").cpu()
+        gathered = mine.new_empty(self.world_size * mine.numel())
+        self._wait(lambda: all_gather_into(gathered, mine, self.group, async_op=True), layer, "handshake")
+        rows = gathered.view(self.world_size, -1).cpu()
         if not bool((rows == mine.cpu()).all()):
             others = "; ".join(
                 f"rank {r}: num_features={int(c)}"
