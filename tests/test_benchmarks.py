@@ -45,6 +45,38 @@ def test_overhead_benchmark_reports_every_case_and_ratio(capsys: pytest.CaptureF
     assert ratios and all(float(v) > 0 for v in ratios.groups()), table
 
 
+def test_whole_model_benchmark_reports_step_ratio_and_peak_memory() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.whole_model", "--world-sizes", "2", "--width", "8",
+         "--rounds", "3", "--repeats", "1"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "20 BN layers (C = 8, 8, 8, 8, 8, 16, " in out, out
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| 2 |")
+    ]
+    step = next(r for r in rows if len(r) == 7)
+    local, sync, gathers, reduces = (float(v) for v in step[1:5])
+    floor, ratio = float(step[5].removesuffix(" (2 x all_gather)")), float(step[6])
+    assert min(local, sync, gathers, reduces) > 0
+    assert floor == pytest.approx(2 * gathers, abs=0.02)
+    assert ratio > 0 and ratio == pytest.approx((sync - local) / floor, abs=0.02)
+    local_mib, sync_mib, peak_ratio = (float(v) for v in next(r for r in rows if len(r) == 4)[1:])
+    assert local_mib > 0 and sync_mib > 0 and peak_ratio == pytest.approx(sync_mib / local_mib, abs=0.01)
+
+
+def test_whole_model_has_twenty_batch_norm_layers() -> None:
+    from benchmarks.whole_model import ResNet18, bn_channels
+
+    model = ResNet18(width=4)
+    assert bn_channels(model) == [4] * 5 + [8] * 5 + [16] * 5 + [32] * 5
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
 def test_small_batch_benchmark_reports_table_json_and_plot(tmp_path: Path) -> None:
     plot, raw = tmp_path / "plot.png", tmp_path / "raw.json"
     result = subprocess.run(
