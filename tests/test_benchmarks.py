@@ -8,23 +8,73 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_overhead_benchmark_reports_every_size_and_ratio() -> None:
+def test_overhead_benchmark_reports_every_case_and_ratio(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.overhead import print_tables
+
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.overhead", "--world-sizes", "2", "--channels", "8,16",
+        [sys.executable, "-m", "benchmarks.overhead", "--world-sizes", "2", "--channels", "64",
          "--rounds", "2", "--repeats", "1", "--json"],
-        capture_output=True, text=True, timeout=180, cwd=ROOT,
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout)
-    assert [(r["world_size"], r["channels"]) for r in rows] == [(2, 8), (2, 16)]
-    for r in rows:
-        assert r["primitive"] == "all_gather"
-        assert r["floor_ms"] > 0 and r["syncnorm_ms"] > 0 and r["local_bn_ms"] > 0
-        expected = (r["syncnorm_ms"] - r["local_bn_ms"]) / r["floor_ms"]
-        assert abs(r["overhead_over_floor"] - expected) < 1e-2
+    assert [(r["world_size"], r["channels"]) for r in rows] == [(2, 64)]
+    r = rows[0]
+    assert r["primitive"] == "all_gather"
+    for case in ("local_bn", "syncnorm", "torch_design", "detectron2_design", "mmcv_design",
+                 "all_gather", "all_reduce"):  # fmt: skip
+        assert r[f"{case}_ms"] > 0, case
+    assert r["floor_ms"] == pytest.approx(2 * r["all_gather_ms"], abs=1e-3)
+    assert abs(r["overhead_over_floor"] - (r["syncnorm_ms"] - r["local_bn_ms"]) / r["floor_ms"]) < 1e-2
+    for design in ("torch", "detectron2", "mmcv"):
+        ratio = r[f"{design}_design_over_floor"]
+        assert abs(ratio - (r[f"{design}_design_ms"] - r["local_bn_ms"]) / r["floor_ms"]) < 1e-2
+    assert all(r[k] > 0 for k in r if k.endswith("over_floor")), r
+
+    print_tables(rows, 2, 1, "cpu")
+    table = capsys.readouterr().out
+    number = r" ([\d.]+) \|"
+    assert re.search(r"^\| 2 \| 64 \|" + number * 7 + "$", table, re.M), table
+    ratios = re.search(r"^\| 2 \| 64 \| 2 x all_gather \|" + number * 5 + "$", table, re.M)
+    assert ratios and all(float(v) > 0 for v in ratios.groups()), table
+
+
+def test_whole_model_benchmark_reports_step_ratio_and_peak_memory() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.whole_model", "--world-sizes", "2", "--width", "8",
+         "--rounds", "3", "--repeats", "1"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "20 BN layers (C = 8, 8, 8, 8, 8, 16, " in out, out
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| 2 |")
+    ]
+    step = next(r for r in rows if len(r) == 7)
+    local, sync, gathers, reduces = (float(v) for v in step[1:5])
+    floor, ratio = float(step[5].removesuffix(" (2 x all_gather)")), float(step[6])
+    assert min(local, sync, gathers, reduces) > 0
+    assert floor == pytest.approx(2 * gathers, abs=0.02)
+    assert ratio > 0 and ratio == pytest.approx((sync - local) / floor, abs=0.02)
+    local_mib, sync_mib, peak_ratio = (float(v) for v in next(r for r in rows if len(r) == 4)[1:])
+    assert local_mib > 0 and sync_mib > 0 and peak_ratio == pytest.approx(sync_mib / local_mib, abs=0.01)
+
+
+def test_whole_model_has_twenty_batch_norm_layers() -> None:
+    from benchmarks.whole_model import ResNet18, bn_channels
+
+    model = ResNet18(width=4)
+    assert bn_channels(model) == [4] * 5 + [8] * 5 + [16] * 5 + [32] * 5
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
 
 def test_small_batch_benchmark_reports_table_json_and_plot(tmp_path: Path) -> None:
@@ -68,3 +118,66 @@ def test_coordinator_load_benchmark_reports_rate_and_latency() -> None:
             result.stdout
         )
     assert re.search(r"coordinator / bare gRPC throughput: [\d.]+", result.stdout), result.stdout
+
+
+_PER_RANK = 4
+
+
+def _global_batch(world_size: int) -> tuple[torch.Tensor, ...]:
+    """The same global batch on every rank and in the test: input off zero mean, upstream
+    gradient, weight and bias."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(world_size * _PER_RANK, 8, 5, 5, generator=gen) * 2.0 + 0.5
+    dy = torch.randn(x.shape, generator=gen)
+    return x, dy, torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
+
+
+def _design_step(rank: int, world_size: int, design: str) -> dict[str, torch.Tensor]:
+    from benchmarks.baselines import BaselineBatchNorm2d
+
+    x, dy, weight, bias = _global_batch(world_size)
+    layer = BaselineBatchNorm2d(x.shape[1], design=design)  # type: ignore[arg-type]
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    mine = x[rank * _PER_RANK : (rank + 1) * _PER_RANK].clone().requires_grad_()
+    y = layer(mine)
+    y.backward(dy[rank * _PER_RANK : (rank + 1) * _PER_RANK])
+    assert mine.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+    return {
+        "y": y.detach(), "dx": mine.grad, "dweight": layer.weight.grad, "dbias": layer.bias.grad,
+        "running_mean": layer.running_mean, "running_var": layer.running_var,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("design", ["torch", "detectron2", "mmcv"])
+def test_baseline_design_matches_batchnorm_on_concatenated_batch(ranks, design: str) -> None:
+    """The benchmark's re-implementations compute batch norm over the global batch."""
+    world = 2
+    traces = ranks(world).run(_design_step, design)
+    x, dy, weight, bias = _global_batch(world)
+    reference = torch.nn.BatchNorm2d(x.shape[1])
+    with torch.no_grad():
+        reference.weight.copy_(weight)
+        reference.bias.copy_(bias)
+    x.requires_grad_()
+    y = reference(x)
+    y.backward(dy)
+    assert x.grad is not None and reference.weight.grad is not None and reference.bias.grad is not None
+    close = {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(torch.cat([t["y"] for t in traces]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([t["dx"] for t in traces]), x.grad, **close)
+    for name, expected in (("dweight", reference.weight.grad), ("dbias", reference.bias.grad)):
+        shares = [t[name] for t in traces]
+        if design == "mmcv":  # every worker returns the group's average
+            for share in shares:
+                torch.testing.assert_close(share * world, expected, **close)
+        else:  # every worker returns its own share; DDP sums them (up to its 1/W)
+            torch.testing.assert_close(torch.stack(shares).sum(0), expected, **close)
+    running_var = reference.running_var  # momentum 0.1 from 1, unbiased
+    if design == "detectron2":  # keeps the biased variance
+        n = x.numel() // x.shape[1]
+        running_var = 0.9 + (reference.running_var - 0.9) * (n - 1) / n
+    for t in traces:
+        torch.testing.assert_close(t["running_mean"], reference.running_mean, **close)
+        torch.testing.assert_close(t["running_var"], running_var, **close)
