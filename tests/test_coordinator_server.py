@@ -93,6 +93,8 @@ def test_a_bad_report_is_invalid_argument_counted_and_changes_nothing(served) ->
     assert "var must be >= 0" in info.value.details()
     metrics = _metrics(running)
     assert metrics[("syncnorm_reports_rejected_total", (("reason", "negative"),))] == 1
+    # every other reason is there from 0, so an alert sees the first rejection as an increase
+    assert metrics[("syncnorm_reports_rejected_total", (("reason", "not_finite"),))] == 0
     assert metrics[("syncnorm_reports_total", (("run", "demo"),))] == 1
     listed = stub.ListWorkers(pb.ListWorkersRequest(run_id="demo"), timeout=DEADLINE_S)
     assert [w.worker_id for w in listed.workers] == ["w0"]
