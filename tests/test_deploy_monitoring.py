@@ -127,7 +127,10 @@ def test_dashboard_queries_use_exported_metrics_their_labels_and_the_run_variabl
     (variable,) = dashboard["templating"]["list"]
     assert variable["name"] == "run"
     name, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"]).groups()
-    assert label in exported[name]
+    assert label in exported[name] and (variable["query"]["metric"], variable["query"]["label"]) == (
+        name,
+        label,
+    )
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     for panel in panels:
