@@ -12,6 +12,7 @@ with matplotlib, thresholds dashed as the dashboard draws them.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shift", type=float, default=2.0, help="added to rank 0's pixels (in [0, 1])")
     parser.add_argument("--linger", type=float, default=10.0, help="seconds to keep scraping after training")
     args = parser.parse_args(argv)
+    # SIGTERM ends the script through its finally blocks, which stop what it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="syncnorm-dashboard-") as workdir:
         panels, alerts = collect(Path(workdir), args.epochs, args.report_every, args.shift, args.linger)
     caption = (

@@ -44,15 +44,25 @@ def prometheus_binary(name: str) -> str:
     return path
 
 
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass  # the group has ended
+
+
 def stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``; a no-op for a process that has ended."""
+    """Stop a process started here (each in a session and process group of its own), with
+    whatever it started: SIGTERM to the group, SIGKILL after ``timeout_s``, and SIGKILL to
+    anything of the group still there once the process has ended."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        _signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            _signal_group(process, signal.SIGKILL)
             process.wait(timeout=timeout_s)
+    _signal_group(process, signal.SIGKILL)
 
 
 def start_coordinator_command(*extra: str) -> tuple[subprocess.Popen, int, int]:
@@ -60,12 +70,12 @@ def start_coordinator_command(*extra: str) -> tuple[subprocess.Popen, int, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
          "--metrics-port", "0", *extra],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     line = process.stdout.readline()  # type: ignore[union-attr]
     match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
     if match is None:
-        process.kill()
+        stop(process)
         raise RuntimeError(f"the coordinator did not start; it printed {line!r}")
     return process, int(match.group(1)), int(match.group(2))
 
@@ -134,7 +144,7 @@ def start_prometheus(workdir: Path, metrics_port: int, deadline_s: float = 30.0)
         process = subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     server = Prometheus(process, port, log)
     deadline = time.monotonic() + deadline_s
@@ -193,7 +203,8 @@ def start_compose_workers(
         log = open(log_dir / f"worker-{agent}.log", "w") if log_dir else subprocess.DEVNULL
         try:
             processes.append(subprocess.Popen(
-                [*launch, *extra_train_args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+                [*launch, *extra_train_args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                start_new_session=True,
             ))  # fmt: skip
         finally:
             if log_dir:

@@ -154,10 +154,14 @@ def test_render_dashboard_draws_every_panel_from_a_real_run(tmp_path, prometheus
     from tests.processes import ROOT
 
     out = tmp_path / "panels.png"
-    result = subprocess.run(
+    script = subprocess.Popen(
         [sys.executable, "scripts/render_dashboard.py", "--out", str(out), "--epochs", "1", "--linger", "2"],
-        capture_output=True, text=True, timeout=200, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert f"{len(load_dashboard()['panels'])} panels" in result.stdout and "no data" not in result.stdout
+    try:
+        stdout, stderr = script.communicate(timeout=200)
+    finally:
+        stop(script, timeout_s=30)  # SIGTERM: the script stops its coordinator, Prometheus and workers
+    assert script.returncode == 0, stdout + stderr[-3000:]
+    assert f"{len(load_dashboard()['panels'])} panels" in stdout and "no data" not in stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
