@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from tests.dashboard import PanelQuery, legend, load_dashboard, panel_queries
 from tests.processes import (
+    Prometheus,
     compose_worker_command,
     start_compose_workers,
     start_coordinator_command,
@@ -87,15 +88,15 @@ def collect(
         stop(coordinator)
 
 
-def _read(prometheus: object, query: PanelQuery, panel: Panel, started: float, ended: float) -> None:
+def _read(prometheus: Prometheus, query: PanelQuery, panel: Panel, started: float, ended: float) -> None:
     if query.instant or query.kind != "timeseries":
-        for series in prometheus.query(query.expr, at=ended):  # type: ignore[attr-defined]
+        for series in prometheus.query(query.expr, at=ended):
             panel.series[legend(query.legend, series["metric"])] = (
                 [ended - started],
                 [float(series["value"][1])],
             )
         return
-    for series in prometheus.query_range(query.expr, started, ended, 1.0):  # type: ignore[attr-defined]
+    for series in prometheus.query_range(query.expr, started, ended, 1.0):
         points = [(float(t) - started, float(v)) for t, v in series["values"]]
         panel.series[legend(query.legend, series["metric"])] = (
             [p[0] for p in points],

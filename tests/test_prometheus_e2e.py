@@ -124,16 +124,17 @@ def test_prometheus_scrapes_the_coordinator_evaluates_the_alerts_and_answers_the
         assert set(names) == {r["alert"] for g in rules_file["groups"] for r in g["rules"]}
         assert all(r["health"] == "ok" for r in names.values()), names
 
-        def drift_alerts() -> list[dict[str, Any]]:
+        # Alerts follow the final values within an evaluation or two (a brief excursion during
+        # training may have left one pending until the next evaluation).
+        def settled() -> list[dict[str, Any]] | None:
             alerts = prometheus.api("alerts")["alerts"]
-            return [a for a in alerts if a["labels"]["alertname"] == "SyncnormStatsDriftHigh"]
+            active = {(a["labels"]["alertname"], a["labels"].get("worker")) for a in alerts}
+            return alerts if active == {("SyncnormStatsDriftHigh", "rank-0")} else None
 
-        (alert,) = _wait_for("SyncnormStatsDriftHigh", drift_alerts, 10, diagnose)
-        assert alert["state"] in ("pending", "firing")
-        assert alert["labels"]["worker"] == "rank-0" and alert["labels"]["severity"] == "warning"
+        # 3x mismatch, no divergence, no rejection, nobody stale: only the shifted worker's drift
+        (alert,) = _wait_for("only SyncnormStatsDriftHigh for rank-0", settled, 15, diagnose)
+        assert alert["state"] in ("pending", "firing") and alert["labels"]["severity"] == "warning"
         assert float(alert["value"]) == pytest.approx(drift["rank-0"], rel=1e-12)
-        others = {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
-        assert others == {"SyncnormStatsDriftHigh"}  # 3x mismatch, no divergence, no rejection
 
         # Every dashboard query runs on the real server and has data for this run.
         for query in panel_queries(run, rate_interval="10s"):
