@@ -18,6 +18,14 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _rank_shift(text: str) -> tuple[int, float]:
+    rank, _, shift = text.partition(":")
+    try:
+        return int(rank), float(shift)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK:SHIFT like 0:1.5, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -65,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", default="syncnorm")
     train.add_argument("--coordinator-token-file", help="bearer token for the coordinator")
     train.add_argument("--coordinator-ca", help="PEM certificate authority of a TLS coordinator")
+    train.add_argument("--input-shift", type=_rank_shift, metavar="RANK:SHIFT",
+                       help="worker RANK adds SHIFT to its input pixels (in [0, 1]): a planted data problem "
+                       "that the coordinator's drift metric and alert should catch")  # fmt: skip
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     coordinator = commands.add_parser(
         "coordinator", help="serve the coordinator: gRPC for workers, /metrics for Prometheus"
@@ -173,7 +184,7 @@ def _train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, precise_bn_batches=args.precise_bn, coordinator=args.coordinator,
         report_every=args.report_every, run_id=args.run_id, device=args.device, dtype=args.dtype,
         coordinator_token_file=args.coordinator_token_file, coordinator_ca=args.coordinator_ca,
-        progress=not args.no_progress,
+        input_shift=args.input_shift, progress=not args.no_progress,
     )  # fmt: skip
     if args.ray:
         from syncnorm.train.on_ray import train_on_ray

@@ -29,3 +29,27 @@ def ranks(rank_pools: dict[int, RankPool]):
         return pool
 
     return get
+
+
+def _prometheus_binary(name: str) -> str:
+    """A missing binary skips, with how to install it; it fails where SYNCNORM_REQUIRE_PROMETHEUS=1 (CI)."""
+    import os
+
+    from tests.processes import REQUIRE_PROMETHEUS, MissingBinary, prometheus_binary
+
+    try:
+        return prometheus_binary(name)
+    except MissingBinary as missing:
+        if os.environ.get(REQUIRE_PROMETHEUS) == "1":
+            pytest.fail(f"{missing} ({REQUIRE_PROMETHEUS}=1)")
+        pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return _prometheus_binary("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_server_binary() -> str:
+    return _prometheus_binary("prometheus")

@@ -79,6 +79,14 @@ def test_train_rejects_a_batch_size_count_that_does_not_fit_the_workers() -> Non
     assert "gives 2 sizes for 1 worker(s)" in result.stderr
 
 
+def test_train_rejects_an_input_shift_for_a_missing_rank_or_badly_written() -> None:
+    result = _syncnorm("train", "--input-shift", "1:0.5", "--no-progress")
+    assert result.returncode == 2
+    assert "--input-shift names rank 1, not one of 1 worker(s)" in result.stderr
+    result = _syncnorm("train", "--input-shift", "0.5", "--no-progress")
+    assert result.returncode == 2 and "expected RANK:SHIFT" in result.stderr
+
+
 def test_demo_rejects_bad_batch_sizes_with_a_usage_error() -> None:
     result = _syncnorm("demo", "--batch-sizes", "4,x")
     assert result.returncode == 2

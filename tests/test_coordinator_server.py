@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from syncnorm.coordinator.server import SERVICE_NAME, RunningCoordinator, start_coordinator
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+from tests.processes import start_coordinator_command
 
 DEADLINE_S = 10
 
@@ -93,6 +94,8 @@ def test_a_bad_report_is_invalid_argument_counted_and_changes_nothing(served) ->
     assert "var must be >= 0" in info.value.details()
     metrics = _metrics(running)
     assert metrics[("syncnorm_reports_rejected_total", (("reason", "negative"),))] == 1
+    # every other reason is there from 0, so an alert sees the first rejection as an increase
+    assert metrics[("syncnorm_reports_rejected_total", (("reason", "not_finite"),))] == 0
     assert metrics[("syncnorm_reports_total", (("run", "demo"),))] == 1
     listed = stub.ListWorkers(pb.ListWorkersRequest(run_id="demo"), timeout=DEADLINE_S)
     assert [w.worker_id for w in listed.workers] == ["w0"]
@@ -112,7 +115,7 @@ def test_unknown_runs_are_not_found_and_health_is_serving(served) -> None:
 def test_the_coordinator_command_serves_and_stops_on_sigterm() -> None:
     import signal
 
-    process, grpc_port, metrics_port = _start_command()
+    process, grpc_port, metrics_port = start_coordinator_command()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
@@ -124,22 +127,6 @@ def test_the_coordinator_command_serves_and_stops_on_sigterm() -> None:
         assert process.wait(timeout=DEADLINE_S) == 0
     finally:
         process.kill()
-
-
-def _start_command(*extra: str):  # noqa: ANN202
-    import re
-    import subprocess
-    import sys
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "syncnorm", "coordinator", "--host", "127.0.0.1", "--grpc-port", "0",
-         "--metrics-port", "0", *extra],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    line = process.stdout.readline()
-    match = re.search(r"gRPC on 127\.0\.0\.1:(\d+), metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
-    assert match, line
-    return process, int(match.group(1)), int(match.group(2))
 
 
 def _view(grpc_port: int) -> tuple[object, object]:
@@ -156,7 +143,7 @@ def _view(grpc_port: int) -> tuple[object, object]:
 def test_a_coordinator_killed_mid_run_comes_back_with_everything_it_acknowledged(tmp_path) -> None:
     import signal
 
-    process, grpc_port, _ = _start_command("--state-dir", str(tmp_path), "--stale-after", "3600")
+    process, grpc_port, _ = start_coordinator_command("--state-dir", str(tmp_path), "--stale-after", "3600")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
@@ -172,7 +159,9 @@ def test_a_coordinator_killed_mid_run_comes_back_with_everything_it_acknowledged
         process.wait(timeout=DEADLINE_S)
     finally:
         process.kill()
-    process, grpc_port, metrics_port = _start_command("--state-dir", str(tmp_path), "--stale-after", "3600")
+    process, grpc_port, metrics_port = start_coordinator_command(
+        "--state-dir", str(tmp_path), "--stale-after", "3600"
+    )
     try:
         after = _view(grpc_port)
         assert after == before

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncnorm.coordinator.state import InvalidReport, RunState, parse_report
+from syncnorm.coordinator.state import REJECTION_REASONS, InvalidReport, RunState, parse_report
 from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, ReportRequest
 
 
@@ -87,6 +87,20 @@ def test_bad_reports_are_rejected_with_a_reason(change: dict, reason: str) -> No
     with pytest.raises(InvalidReport) as info:
         parse_report(_request("w0", 1, _batch(0, 4), **change))
     assert info.value.reason == reason
+
+
+def test_every_reason_raised_is_listed_for_the_metrics() -> None:
+    import ast
+    import inspect
+
+    import syncnorm.coordinator.state as state
+
+    raised = {
+        call.args[0].value
+        for call in ast.walk(ast.parse(inspect.getsource(state)))
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "InvalidReport"
+    }
+    assert raised == set(REJECTION_REASONS)
 
 
 def test_a_layer_may_not_change_its_channel_count() -> None:

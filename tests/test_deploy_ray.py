@@ -4,22 +4,15 @@ syncnorm commands they run are valid for this version's command line."""
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 
 import pytest
 
-from syncnorm.cli import build_parser
+from tests.commands import parse_syncnorm as _parse_syncnorm
 
 yaml = pytest.importorskip("yaml")
 
 RAY_DIR = Path(__file__).resolve().parents[1] / "deploy" / "ray"
-
-
-def _parse_syncnorm(command: str) -> object:
-    words = shlex.split(command)
-    assert words[0] == "syncnorm"
-    return build_parser().parse_args(words[1:])
 
 
 def test_cluster_launcher_yaml_and_its_commands() -> None:

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from syncnorm.coordinator.analysis import batch_size_mismatch_ratio
-from syncnorm.coordinator.state import InvalidReport, RunState, parse_report
+from syncnorm.coordinator.state import REJECTION_REASONS, InvalidReport, RunState, parse_report
 from syncnorm.coordinator.store import StateStore
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
@@ -238,7 +238,7 @@ class CoordinatorCollector(Collector):
                     last.add_metric([run_id, worker_id], record.last_seen)
                     if worker_id in advice:
                         recommended.add_metric([run_id, worker_id], advice[worker_id])
-            for reason, count in sorted(c.rejected.items()):
-                rejected.add_metric([reason], count)
+            for reason in sorted(set(REJECTION_REASONS) | set(c.rejected)):
+                rejected.add_metric([reason], c.rejected[reason])
         yield from (batch, global_batch, mismatch, worker_drift, layer_drift, divergence, last, workers,
                     reports, rejected, recommended)  # fmt: skip

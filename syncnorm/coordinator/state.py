@@ -41,6 +41,14 @@ class InvalidReport(ValueError):
         self.reason = reason
 
 
+REJECTION_REASONS = (
+    "bad_id", "negative", "bad_step_time", "too_many_layers", "bad_layer_name", "bad_shape", "shape_changed",
+    "not_finite", "too_large",
+)  # fmt: skip
+"""Every :class:`InvalidReport` reason.  The metrics export each one from 0, so that
+the first rejection is an increase that ``increase()`` and alerts can see."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each layer's channels sit in a flat per-channel array.

@@ -26,6 +26,9 @@ class TrainConfig:
     coordinator_token_file, coordinator_ca: its bearer token and TLS CA (PEM files).
     device: ``"cpu"``, ``"cuda"``, or ``"auto"`` (CUDA when available).
     dtype: ``"float32"`` or ``"float64"`` for the weights and inputs.
+    input_shift: ``(rank, shift)``: worker ``rank`` adds ``shift`` to its input
+        pixels (which lie in [0, 1]): a planted data problem, for watching the
+        coordinator's drift metric and alert respond.
     progress: show a progress bar on rank 0.
     return_state: rank 0's result carries the final state_dict (for comparisons).
     """
@@ -44,6 +47,7 @@ class TrainConfig:
     coordinator_ca: str | None = None
     device: str = "auto"
     dtype: str = "float32"
+    input_shift: tuple[int, float] | None = None
     progress: bool = True
     return_state: bool = False
 
@@ -57,6 +61,9 @@ class TrainConfig:
             )
         if min(sizes) < 0 or sum(sizes) < 2:
             raise ValueError(f"batch sizes must be >= 0 and add up to at least 2, got {list(sizes)}")
+        if self.input_shift is not None and not 0 <= self.input_shift[0] < world_size:
+            rank = self.input_shift[0]
+            raise ValueError(f"--input-shift names rank {rank}, not one of {world_size} worker(s)")
         if self.norm == "local" and min(sizes) < 1:
             raise ValueError("--norm local needs every worker's batch size >= 1 (plain BN cannot train on 0)")
         return sizes

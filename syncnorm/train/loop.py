@@ -91,6 +91,8 @@ def train_worker(
         for step in range(steps):
             step_started = time.perf_counter()
             x, y = worker_batch(data, sizes, rank, epoch, step, config.seed)
+            if config.input_shift is not None and config.input_shift[0] == rank:
+                x = x + config.input_shift[1]
             x, y = x.to(device=device, dtype=dtype), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             out = trained(x)
