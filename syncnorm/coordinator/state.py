@@ -145,17 +145,21 @@ class Report:
 
 
 def _check_values(values: np.ndarray, layout: Layout, what: str) -> None:
+    """Refuse non-finite, huge, or (for variances) negative values, naming the layer."""
+
+    def layer(bad: np.ndarray) -> str:
+        return layout.names[int(layout.layer_of_channel[int(np.argmax(bad))])]
+
     bad = ~np.isfinite(values)
-    reason, detail = "not_finite", "has NaN or infinite values"
-    if not bad.any():
-        bad = np.abs(values) > MAX_MAGNITUDE
-        reason, detail = "too_large", f"has values beyond {MAX_MAGNITUDE:g}"
-    if not bad.any() and what.endswith("var"):
-        bad = values < 0
-        reason, detail = "negative", "must be >= 0"
     if bad.any():
-        layer = layout.names[int(layout.layer_of_channel[int(np.argmax(bad))])]
-        raise InvalidReport(reason, f"layer {layer!r}: {what} {detail}")
+        raise InvalidReport("not_finite", f"layer {layer(bad)!r}: {what} has NaN or infinite values")
+    bad = np.abs(values) > MAX_MAGNITUDE
+    if bad.any():
+        raise InvalidReport("too_large", f"layer {layer(bad)!r}: {what} has values beyond {MAX_MAGNITUDE:g}")
+    if what.endswith("var"):
+        bad = values < 0
+        if bad.any():
+            raise InvalidReport("negative", f"layer {layer(bad)!r}: {what} must be >= 0")
 
 
 def parse_report(message: object, known_channels: Mapping[str, int] | None = None) -> Report:
