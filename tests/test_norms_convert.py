@@ -164,3 +164,12 @@ def test_rho_clipping_needs_batch_instance_layers() -> None:
     model = nn.Sequential(SyncSwitchableNorm2d(3))
     with pytest.raises(ValueError, match="no SyncBatchInstanceNorm2d layers"):
         syncnorm.clip_rho_after_steps(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def test_a_deep_copy_is_a_different_layer_to_the_transports() -> None:
+    layer = SyncSwitchableNorm2d(3)
+    layer.layer_name = "block.norm"
+    twin = copy.deepcopy(layer)
+    assert twin.layer_key.name == "block.norm"
+    assert twin.layer_key.instance != layer.layer_key.instance
+    assert twin(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)

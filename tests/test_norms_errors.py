@@ -159,3 +159,16 @@ def test_workers_with_different_channel_counts_get_a_layer_mismatch_naming_the_l
         assert error == "LayerMismatchError"
         assert "SyncSwitchableNorm2d layer '0'" in message
         assert "num_features=3" in message and "num_features=4" in message
+
+
+def _join_with_other_norms(rank: int, world_size: int) -> tuple[str | None, str]:
+    model = syncnorm.convert_sync_batchnorm(
+        nn.Sequential(nn.BatchNorm2d(3), syncnorm.SyncSwitchableNorm2d(3))
+    )
+    return _catch(syncnorm.SyncBatchNormJoin, model)
+
+
+def test_join_refuses_models_with_the_other_norms_instead_of_hanging(ranks) -> None:
+    for error, message in ranks(2).run(_join_with_other_norms):
+        assert error == "ValueError"
+        assert "also has SyncSwitchableNorm2d layer '1'" in message

@@ -137,7 +137,8 @@ class BatchBranchNorm(nn.Module):
             raise ValueError(f"{self.layer_key.describe()} expects a floating-point input, got {x.dtype}")
 
     def batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The batch branch's per-channel mean and biased variance, in ``x``'s compute dtype.
+        """The batch branch's per-channel mean and biased variance, in ``x``'s compute dtype
+        (pass the input already upcast to it, so half inputs are converted once).
 
         Training (or ``track_running_stats=False``): the statistics of the global
         batch, differentiable, and the running statistics are updated.  Eval with

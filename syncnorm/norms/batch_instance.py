@@ -80,9 +80,9 @@ class SyncBatchInstanceNorm2d(BatchBranchNorm):
         self.check_input(x)
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            mean_b, var_b = self.batch_statistics(x)
+            xc = x.to(dtype)  # one upcast for half inputs, shared by every branch
+            mean_b, var_b = self.batch_statistics(xc)
             assert var_b is not None
-            xc = x.to(dtype)
             x_bn = (xc - channel_view(mean_b)) * channel_view(torch.rsqrt(var_b + self.eps))
             var_i, mean_i = torch.var_mean(xc, dim=(2, 3), keepdim=True, correction=0)
             x_in = (xc - mean_i) * torch.rsqrt(var_i + self.eps)

@@ -87,9 +87,10 @@ class SyncConditionalBatchNorm2d(BatchBranchNorm):
         self.check_condition(condition, x.shape[0])
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            mean, var = self.batch_statistics(x)
+            xc = x.to(dtype)
+            mean, var = self.batch_statistics(xc)
             assert var is not None
-            x_bn = (x.to(dtype) - channel_view(mean)) * channel_view(torch.rsqrt(var + self.eps))
+            x_bn = (xc - channel_view(mean)) * channel_view(torch.rsqrt(var + self.eps))
             gamma, beta = self.scale_and_shift(condition, dtype)
             y = x_bn * gamma[:, :, None, None] + beta[:, :, None, None]
         return y.to(x.dtype, memory_format=memory_format_of(x))

@@ -77,8 +77,9 @@ class SyncMeanOnlyBatchNorm2d(BatchBranchNorm):
         self.check_input(x)
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            mean, _ = self.batch_statistics(x)
-            y = x.to(dtype) - channel_view(mean)
+            xc = x.to(dtype)
+            mean, _ = self.batch_statistics(xc)
+            y = xc - channel_view(mean)
             if self.bias is not None:
                 y = y + channel_view(self.bias.to(dtype))
         return y.to(x.dtype, memory_format=memory_format_of(x))

@@ -91,9 +91,9 @@ class SyncSwitchableNorm2d(BatchBranchNorm):
         self.check_input(x)
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            mean_bn, var_bn = self.batch_statistics(x)
+            xc = x.to(dtype)  # one upcast for half inputs, shared by every branch
+            mean_bn, var_bn = self.batch_statistics(xc)
             assert var_bn is not None
-            xc = x.to(dtype)
             var_in, mean_in = torch.var_mean(xc, dim=(2, 3), keepdim=True, correction=0)
             var_ln, mean_ln = torch.var_mean(xc, dim=(1, 2, 3), keepdim=True, correction=0)
             w = torch.softmax(self.mean_weight.to(dtype), 0)
