@@ -48,7 +48,7 @@ def measure(epochs: int, seeds: list[int], workers: int, per_worker: tuple[int, 
     return rows
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -60,7 +60,7 @@ def table(rows: list[dict], epochs: int, seeds: list[int]) -> str:
         "|---|---|---|---|",
     ]
     for r in rows:
-        mean, sd = _mean_sd(r["accuracies"])
+        mean, sd = mean_sd(r["accuracies"])
         norm = LABELS.get(r["norm"], r["norm"])
         lines.append(
             f"| {norm} | {r['workers']} x {r['batch_per_worker']} | {r['workers'] * r['batch_per_worker']} "
@@ -81,12 +81,12 @@ def plot(rows: list[dict], path: Path) -> None:
         label = LABELS[norm]
         points = [r for r in rows if r["norm"] == norm]
         xs = [r["batch_per_worker"] for r in points]
-        stats = [_mean_sd(r["accuracies"]) for r in points]
+        stats = [mean_sd(r["accuracies"]) for r in points]
         ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)
     single = next(r for r in rows if r["norm"] == "one process")
     workers = next(r["workers"] for r in rows if r["norm"] == "sync")
     ax.axhline(
-        _mean_sd(single["accuracies"])[0], color="gray", linestyle="--",
+        mean_sd(single["accuracies"])[0], color="gray", linestyle="--",
         label=f"one process, batch {single['batch_per_worker']}",
     )  # fmt: skip
     sizes = sorted({r["batch_per_worker"] for r in rows if r["norm"] == "sync"})

@@ -5,6 +5,13 @@ from syncnorm.convert import convert_sync_batchnorm, name_layers, revert_sync_ba
 from syncnorm.coordinator.client import load_global_stats
 from syncnorm.join import SyncBatchNormJoin, join_ready_ddp
 from syncnorm.moments import Moments
+from syncnorm.norms import (
+    SyncBatchInstanceNorm2d,
+    SyncConditionalBatchNorm2d,
+    SyncMeanOnlyBatchNorm2d,
+    SyncSwitchableNorm2d,
+    clip_rho_after_steps,
+)
 from syncnorm.precise_bn import precise_bn
 from syncnorm.transports import (
     LayerKey,
@@ -24,10 +31,15 @@ __all__ = [
     "LayerMismatchError",
     "Moments",
     "StatsReducer",
+    "SyncBatchInstanceNorm2d",
     "SyncBatchNorm",
     "SyncBatchNormJoin",
+    "SyncConditionalBatchNorm2d",
+    "SyncMeanOnlyBatchNorm2d",
+    "SyncSwitchableNorm2d",
     "SynchronizationError",
     "TorchDistributedReducer",
+    "clip_rho_after_steps",
     "consecutive_groups",
     "convert_sync_batchnorm",
     "join_ready_ddp",

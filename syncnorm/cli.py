@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from syncnorm.train.config import NORMS
+
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
     try:
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=_positive_int, default=5)
     train.add_argument("--lr", type=_positive_float, default=0.05)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--norm", choices=("sync", "local"), default="sync")
+    train.add_argument("--norm", choices=NORMS, default="sync",
+                       help="sync: SyncBatchNorm; local: per-worker BatchNorm; switchable, batch-instance: "
+                            "synchronized batch branch; group, layer: batch-independent")  # fmt: skip
     train.add_argument("--checkpoint", help="rank 0 saves the state_dict here")
     train.add_argument("--precise-bn", type=int, default=0, metavar="BATCHES",
                        help="recompute running stats exactly over this many batches per worker")  # fmt: skip

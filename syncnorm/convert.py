@@ -1,4 +1,4 @@
-"""Swap a model's batch norm layers for SyncBatchNorm and back."""
+"""Swap a model's batch norm layers for SyncBatchNorm (or another synchronized norm) and back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm.batchnorm import SyncBatchNorm
+from syncnorm.norms.base import BatchBranchNorm
 from syncnorm.transports.base import StatsReducer
 
 _BY_INPUT_DIM: dict[int, type[_BatchNorm]] = {
@@ -42,6 +43,8 @@ def convert_sync_batchnorm(
     module: nn.Module,
     process_group: Any | None = None,
     reducer: StatsReducer | None = None,
+    to: type[nn.Module] = SyncBatchNorm,
+    **options: Any,
 ) -> nn.Module:
     """Replace every ``BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in ``module``
     with :class:`SyncBatchNorm`, sharing the same parameters and buffers (so
@@ -50,10 +53,72 @@ def convert_sync_batchnorm(
     Each new layer gets its qualified name as ``layer_name``, used in error
     messages.  Returns the converted module (a new object if ``module`` itself
     was a batch norm layer); converts in place otherwise.
+
+    ``to`` picks another synchronized norm from :mod:`syncnorm.norms`
+    (``SyncBatchInstanceNorm2d``, ``SyncSwitchableNorm2d``,
+    ``SyncMeanOnlyBatchNorm2d``, ``SyncConditionalBatchNorm2d``).  Those are 2-D
+    layers: they replace every ``torch.nn.BatchNorm2d`` (and every
+    :class:`SyncBatchNorm` converted from one); other batch norms stay as they are
+    (a second, plain call turns them into :class:`SyncBatchNorm`).  ``options``
+    go to the new layer's constructor (``num_conditions=`` for the conditional
+    one).  What carries over, shared: ``weight``, ``bias`` and the running
+    buffers where the new layer has them, plus ``eps``, ``momentum``, ``affine``,
+    ``track_running_stats``, device and dtype; the new layer's own parameters
+    start at their papers' initial values.  So batch-instance norm (``rho = 1``)
+    and conditional batch norm (zero deltas) compute what the batch norm
+    computed until they train; switchable norm starts with equal branch weights;
+    mean-only batch norm keeps ``bias`` and ``running_mean`` and drops
+    ``weight``, ``running_var`` and ``eps`` (put the scale in the preceding
+    layer's weight normalization).  The conversion builds every new layer before
+    it replaces any, so an error leaves ``module`` unchanged.
     """
-    converted = _convert(module, process_group, reducer)
+    if to is SyncBatchNorm:
+        if options:
+            raise TypeError(f"SyncBatchNorm conversion takes no further options, got {sorted(options)}")
+        converted = _convert(module, process_group, reducer)
+    elif isinstance(to, type) and issubclass(to, BatchBranchNorm) and to is not BatchBranchNorm:
+        converted = _convert_to_2d(module, to, process_group, reducer, options)
+    else:
+        raise ValueError(
+            f"to= must be syncnorm.SyncBatchNorm or a layer from syncnorm.norms "
+            f"(SyncBatchInstanceNorm2d, SyncSwitchableNorm2d, SyncMeanOnlyBatchNorm2d, "
+            f"SyncConditionalBatchNorm2d), got {to!r}"
+        )
     name_layers(converted)
     return converted
+
+
+def _is_batchnorm_2d(module: nn.Module) -> bool:
+    if isinstance(module, nn.BatchNorm2d):
+        return True
+    return isinstance(module, SyncBatchNorm) and (
+        getattr(module, "original_class", None) is nn.BatchNorm2d or module.last_input_dim == 4
+    )
+
+
+def _convert_to_2d(
+    module: nn.Module,
+    to: type[BatchBranchNorm],
+    process_group: Any | None,
+    reducer: StatsReducer | None,
+    options: dict[str, Any],
+) -> nn.Module:
+    def build(source: nn.Module) -> BatchBranchNorm:
+        assert isinstance(source, _BatchNorm)
+        return to.from_batchnorm(source, process_group=process_group, reducer=reducer, **options)
+
+    if _is_batchnorm_2d(module):
+        return build(module)
+    # Every new layer is built before any is put in place: a failure changes nothing.
+    replacements = [
+        (parent, name, build(child))
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if _is_batchnorm_2d(child)
+    ]
+    for parent, name, layer in replacements:
+        setattr(parent, name, layer)
+    return module
 
 
 def _convert(module: nn.Module, process_group: Any | None, reducer: StatsReducer | None) -> nn.Module:
@@ -102,12 +167,13 @@ def revert_sync_batchnorm(module: nn.Module, cls: type[_BatchNorm] | None = None
 
 
 def name_layers(module: nn.Module) -> nn.Module:
-    """Set each :class:`SyncBatchNorm`'s ``layer_name`` to its qualified name in ``module``.
+    """Set each synchronized layer's ``layer_name`` to its qualified name in ``module``
+    (:class:`SyncBatchNorm` and the layers of :mod:`syncnorm.norms`).
 
     Names appear in synchronization errors and in the layer signature that lets
     workers detect that they are calling different layers.
     """
     for name, child in module.named_modules():
-        if isinstance(child, SyncBatchNorm):
+        if isinstance(child, (SyncBatchNorm, BatchBranchNorm)):
             child.layer_name = name or child.layer_name
     return module

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from syncnorm.batchnorm import SyncBatchNorm
 from syncnorm.moments import Moments
+from syncnorm.norms.base import BatchBranchNorm
 from syncnorm.transports.base import LayerKey
 from syncnorm.transports.torch_distributed import TorchDistributedReducer
 
@@ -96,6 +97,13 @@ class SyncBatchNormJoin(Joinable):
             )
         self.module = module
         inner = module.module if isinstance(module, DistributedDataParallel) else module
+        others = [m.layer_key.describe() for m in inner.modules() if isinstance(m, BatchBranchNorm)]
+        if others:
+            raise ValueError(
+                f"SyncBatchNormJoin shadows SyncBatchNorm rounds only, and the module also has {others[0]}"
+                f"{f' and {len(others) - 1} more' if len(others) > 1 else ''} from syncnorm.norms, whose "
+                "rounds a joined worker would miss; give every worker the same number of steps instead"
+            )
         self.layers = {m.layer_key.instance: m for m in inner.modules() if isinstance(m, SyncBatchNorm)}
         if not self.layers:
             raise ValueError("the module has no syncnorm.SyncBatchNorm layers to join")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from syncnorm.batchnorm import SyncBatchNorm
+from syncnorm.norms.base import BatchBranchNorm
 from syncnorm.transports.base import LayerKey
 
 
@@ -48,9 +49,12 @@ class GlobalBatchMean:
 
     def __init__(self, module: nn.Module) -> None:
         inner = module.module if isinstance(module, DistributedDataParallel) else module
-        layers = [m for m in inner.modules() if isinstance(m, SyncBatchNorm)]
+        layers = [m for m in inner.modules() if isinstance(m, (SyncBatchNorm, BatchBranchNorm))]
         if not layers:
-            raise ValueError("GlobalBatchMean needs a model with syncnorm.SyncBatchNorm layers")
+            raise ValueError(
+                "GlobalBatchMean needs a model with syncnorm.SyncBatchNorm layers (or the synchronized "
+                "norms of syncnorm.norms)"
+            )
         self._layer = layers[0]
         self._ddp_world_size = (
             dist.get_world_size(module.process_group) if isinstance(module, DistributedDataParallel) else 1

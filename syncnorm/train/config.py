@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Norm = Literal["sync", "local"]
+Norm = Literal["sync", "local", "switchable", "batch-instance", "group", "layer"]
+
+NORMS: tuple[str, ...] = ("sync", "local", "switchable", "batch-instance", "group", "layer")
+"""``syncnorm train --norm`` choices; see :class:`TrainConfig`."""
+
+SYNCHRONIZED_NORMS = frozenset({"sync", "switchable", "batch-instance"})
+"""Norms whose batch statistics span every worker's batch."""
 
 
 @dataclass(frozen=True)
@@ -16,8 +22,12 @@ class TrainConfig:
     lr: initial SGD learning rate (momentum 0.9, weight decay 5e-4), decayed to
         zero over the run on a cosine.
     seed: seeds the split, the initial weights and the batch order.
-    norm: ``"sync"`` (syncnorm.SyncBatchNorm, exact global-batch gradients) or
-        ``"local"`` (plain torch BatchNorm per worker, DDP's equal-weight average).
+    norm: ``"sync"`` (syncnorm.SyncBatchNorm, exact global-batch gradients),
+        ``"local"`` (plain torch BatchNorm per worker, DDP's equal-weight average),
+        ``"switchable"`` / ``"batch-instance"`` (syncnorm.SyncSwitchableNorm2d /
+        SyncBatchInstanceNorm2d, batch branch synchronized, exact gradients), or the
+        batch-independent ``"group"`` (GroupNorm, 8 groups) and ``"layer"``
+        (GroupNorm with one group: layer norm over C, H, W with per-channel affine).
     checkpoint: where rank 0 saves the state_dict (loads into the same model
         built with ``torch.nn.BatchNorm2d``).
     precise_bn_batches: recompute running statistics over this many batches
@@ -64,8 +74,13 @@ class TrainConfig:
         if self.input_shift is not None and not 0 <= self.input_shift[0] < world_size:
             rank = self.input_shift[0]
             raise ValueError(f"--input-shift names rank {rank}, not one of {world_size} worker(s)")
-        if self.norm == "local" and min(sizes) < 1:
-            raise ValueError("--norm local needs every worker's batch size >= 1 (plain BN cannot train on 0)")
+        if self.norm not in NORMS:
+            raise ValueError(f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.norm not in SYNCHRONIZED_NORMS and min(sizes) < 1:
+            raise ValueError(
+                f"--norm {self.norm} needs every worker's batch size >= 1 "
+                "(only the synchronized norms train on an empty batch)"
+            )
         return sizes
 
 

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from syncnorm.convert import convert_sync_batchnorm
+from syncnorm.convert import convert_sync_batchnorm, name_layers
+from syncnorm.norms import clip_rho_after_steps
 from syncnorm.precise_bn import precise_bn
-from syncnorm.train.config import TrainConfig, TrainResult
+from syncnorm.train.config import SYNCHRONIZED_NORMS, TrainConfig, TrainResult
 from syncnorm.train.data import Digits, load_digits, steps_per_epoch, worker_batch
-from syncnorm.train.model import digits_cnn
+from syncnorm.train.model import digits_cnn, norm_layer
 from syncnorm.transports.base import StatsReducer
 from syncnorm.uneven import GlobalBatchMean
 
@@ -53,17 +54,24 @@ def train_worker(
     sizes = config.sizes_for(world_size)
     device = resolve_device(config.device, rank)
     data = load_digits(config.seed)
-    model: nn.Module = digits_cnn(seed=config.seed)
+    model: nn.Module = digits_cnn(norm_layer(config.norm), seed=config.seed)
     if config.norm == "sync":
         model = convert_sync_batchnorm(model, reducer=reducer)
+    elif config.norm in SYNCHRONIZED_NORMS:
+        for layer in model.modules():
+            if hasattr(layer, "active_reducer"):
+                layer.reducer = reducer
+        name_layers(model)
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(config.dtype)
     if dtype is None:
         raise ValueError(f"--dtype must be float32 or float64, got {config.dtype!r}")
     model.to(device=device, dtype=dtype)
     distributed = world_size > 1
     trained = DistributedDataParallel(model) if distributed else model
-    global_mean = GlobalBatchMean(trained) if config.norm == "sync" else None
+    global_mean = GlobalBatchMean(trained) if config.norm in SYNCHRONIZED_NORMS else None
     optimizer = torch.optim.SGD(trained.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
+    if config.norm == "batch-instance":
+        clip_rho_after_steps(optimizer, model)  # rho stays in [0, 1], as in the paper
     steps = steps_per_epoch(len(data.train_y), sizes)
     if steps == 0:
         raise ValueError(
@@ -143,4 +151,4 @@ def _progress(config: TrainConfig, rank: int, total: int):  # noqa: ANN202 - tqd
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"train ({config.norm} BN)", unit="step", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=f"train ({config.norm} norm)", unit="step", file=sys.stderr, leave=False)
