@@ -98,6 +98,16 @@ class BatchBranchNorm(nn.Module):
         if not self.tracks_variance:
             self.running_var = None  # a plain attribute, not a buffer: no state_dict entry
 
+    def register_affine(self, affine: bool, weight: bool = True, **factory: Any) -> None:
+        """``weight`` (ones) and ``bias`` (zeros) per channel when ``affine``, else ``None``;
+        ``weight=False`` registers the bias only (mean-only batch norm has no scale)."""
+        self.affine = affine
+        for name, init, wanted in (("weight", torch.ones, weight), ("bias", torch.zeros, True)):
+            if affine and wanted:
+                self.register_parameter(name, nn.Parameter(init(self.num_features, **factory)))
+            elif wanted:
+                self.register_parameter(name, None)
+
     def reset_running_stats(self) -> None:
         if self.running_mean is not None:
             self.running_mean.zero_()

@@ -66,15 +66,9 @@ class SyncBatchInstanceNorm2d(BatchBranchNorm):
         super().__init__(
             num_features, eps, momentum, track_running_stats, process_group, reducer, device, dtype
         )
-        self.affine = affine
         factory = {"device": device, "dtype": dtype}
+        self.register_affine(affine, **factory)
         self.rho = nn.Parameter(torch.ones(num_features, **factory))
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from syncnorm.function import compute_dtype, memory_format_of
@@ -67,11 +67,7 @@ class SyncMeanOnlyBatchNorm2d(BatchBranchNorm):
         super().__init__(
             num_features, 0.0, momentum, track_running_stats, process_group, reducer, device, dtype
         )
-        self.affine = affine
-        if affine:
-            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        self.register_affine(affine, weight=False, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)

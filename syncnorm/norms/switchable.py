@@ -69,16 +69,10 @@ class SyncSwitchableNorm2d(BatchBranchNorm):
         super().__init__(
             num_features, eps, momentum, track_running_stats, process_group, reducer, device, dtype
         )
-        self.affine = affine
         factory = {"device": device, "dtype": dtype}
+        self.register_affine(affine, **factory)
         self.mean_weight = nn.Parameter(torch.ones(len(BRANCHES), **factory))
         self.var_weight = nn.Parameter(torch.ones(len(BRANCHES), **factory))
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
 
     def branch_weights(self) -> dict[str, tuple[float, float]]:
         """``{branch: (mean weight, variance weight)}`` after the softmaxes, for inspection."""
