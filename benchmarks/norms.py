@@ -29,7 +29,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.small_batch import mean_sd
+from benchmarks.small_batch import finish_plot, mean_sd
 from syncnorm.launch import run_local_group
 from syncnorm.train.config import NORMS, TrainConfig
 from syncnorm.train.loop import train_worker
@@ -123,15 +123,8 @@ def plot(rows: list[dict], path: Path) -> None:
             label=LABELS.get(norm, norm),
         )  # fmt: skip
     sizes = sorted({r["batch_per_worker"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.set_xlabel(f"batch size per worker ({rows[0]['workers']} workers)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("digits CNN: normalization against per-worker batch size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    title = "digits CNN: normalization against per-worker batch size"
+    finish_plot(fig, ax, sizes, rows[0]["workers"], title, path)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from syncnorm.launch import run_local_group
 from syncnorm.train.config import TrainConfig
@@ -90,11 +91,16 @@ def plot(rows: list[dict], path: Path) -> None:
         label=f"one process, batch {single['batch_per_worker']}",
     )  # fmt: skip
     sizes = sorted({r["batch_per_worker"] for r in rows if r["norm"] == "sync"})
+    finish_plot(fig, ax, sizes, workers, "digits CNN: BN statistics over small per-worker batches", path)
+
+
+def finish_plot(fig: Any, ax: Any, sizes: list[int], workers: int, title: str, path: Path) -> None:
+    """Label an accuracy-against-per-worker-batch-size plot and save it to ``path``."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_xlabel(f"batch size per worker ({workers} workers)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("digits CNN: BN statistics over small per-worker batches")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
