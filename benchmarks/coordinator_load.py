@@ -42,22 +42,42 @@ def resnet50_bn_channels() -> list[int]:
     return channels
 
 
-def make_report(worker: int, step: int, channels: list[int], rng: np.random.Generator) -> pb.ReportRequest:
-    layers = []
-    for index, c in enumerate(channels):
-        layers.append(pb.LayerStats(
-            layer=f"bn{index}", count=32 * 7 * 7, mean=rng.normal(size=c).tolist(),
-            var=rng.uniform(0.5, 2.0, size=c).tolist(), running_mean=rng.normal(size=c).tolist(),
-            running_var=rng.uniform(0.5, 2.0, size=c).tolist(),
+def make_report(
+    worker: int, step: int, channels: list[int], rng: np.random.Generator, packed: bool = True
+) -> pb.ReportRequest:
+    """A report of random statistics, with its layers packed (as ``StatsReporter``
+    sends them) or as one ``LayerStats`` message each.  Built with numpy alone: the
+    load generator runs no torch operations, whose thread pool would compete with
+    gRPC's threads for the cores."""
+    names = [f"bn{index}" for index in range(len(channels))]
+    blocks = {
+        "mean": [rng.normal(size=c) for c in channels],
+        "var": [rng.uniform(0.5, 2.0, size=c) for c in channels],
+        "running_mean": [rng.normal(size=c) for c in channels],
+        "running_var": [rng.uniform(0.5, 2.0, size=c) for c in channels],
+    }
+    report = pb.ReportRequest(run_id="load", worker_id=f"w{worker}", step=step, device_kind="cuda",
+                              batch_size=32, step_time_seconds=0.2)  # fmt: skip
+    count = 32.0 * 7 * 7
+    if packed:
+        report.packed.CopyFrom(pb.PackedLayerStats(
+            layer=names, channels=channels, count=[count] * len(channels),
+            **{k: np.concatenate(v).astype("<f8").tobytes() for k, v in blocks.items()},
         ))  # fmt: skip
-    return pb.ReportRequest(run_id="load", worker_id=f"w{worker}", step=step, device_kind="cuda",
-                            batch_size=32, step_time_seconds=0.2, layers=layers)  # fmt: skip
+        return report
+    for index, name in enumerate(names):
+        report.layers.append(
+            pb.LayerStats(layer=name, count=count, **{k: v[index].tolist() for k, v in blocks.items()})
+        )
+    return report
 
 
-def _worker(address: str, index: int, seconds: float, latencies: list[float], lock: threading.Lock) -> None:
+def _worker(
+    address: str, index: int, seconds: float, packed: bool, latencies: list[float], lock: threading.Lock
+) -> None:
     rng = np.random.default_rng(index)
     channels = resnet50_bn_channels()
-    reports = [make_report(index, step, channels, rng) for step in range(4)]  # built once, reused
+    reports = [make_report(index, step, channels, rng, packed) for step in range(4)]  # built once, reused
     mine = []
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -90,7 +110,7 @@ def serve_bare() -> None:
     server.wait_for_termination()
 
 
-def measure(server_command: list[str], workers: int, seconds: float) -> list[float]:
+def measure(server_command: list[str], workers: int, seconds: float, packed: bool = True) -> list[float]:
     """Start a server pinned to core 0, load it from ``workers`` threads; the latencies."""
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     server = subprocess.Popen([*pin, *server_command], stdout=subprocess.PIPE, text=True)
@@ -101,7 +121,7 @@ def measure(server_command: list[str], workers: int, seconds: float) -> list[flo
         latencies: list[float] = []
         lock = threading.Lock()
         threads = [
-            threading.Thread(target=_worker, args=(address, w, seconds, latencies, lock))
+            threading.Thread(target=_worker, args=(address, w, seconds, packed, latencies, lock))
             for w in range(workers)
         ]
         for t in threads:
@@ -143,11 +163,14 @@ def main() -> None:
         f"{size / 1e3:.0f} kB), server pinned to one core{'' if shutil.which('taskset') else ' (unpinned)'}:"
     )
     rates = {}
-    for name, command in (("bare gRPC", bare), ("coordinator", coordinator)):
-        latencies = measure(command, args.workers, args.seconds)
+    cases = (("bare gRPC", bare, True), ("coordinator, layer messages", coordinator, False),
+             ("coordinator, packed", coordinator, True))  # fmt: skip
+    for name, command, packed in cases:
+        latencies = measure(command, args.workers, args.seconds, packed)
         rates[name] = len(latencies) / args.seconds
-        print(f"  {name:<12}{_summary(latencies, args.seconds)}", flush=True)
-    print(f"  coordinator / bare gRPC throughput: {rates['coordinator'] / rates['bare gRPC']:.2f}")
+        print(f"  {name:<29}{_summary(latencies, args.seconds)}", flush=True)
+    ratio = rates["coordinator, packed"] / rates["bare gRPC"]
+    print(f"  coordinator (packed) / bare gRPC throughput: {ratio:.2f}")
 
 
 if __name__ == "__main__":

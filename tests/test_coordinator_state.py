@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncnorm.coordinator.state import REJECTION_REASONS, InvalidReport, RunState, parse_report
-from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, ReportRequest
+from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, PackedLayerStats, ReportRequest
 
 
 def _batch(seed: int, n: int, shift: float = 0.0) -> torch.Tensor:
@@ -209,3 +210,99 @@ def test_layers_of_different_widths_reported_in_any_order_and_subset() -> None:
         means = torch.stack([data[w, name].mean(0) for w in holders])
         expected = max(expected, float(((means - means.mean(0)).abs() / (1 + 1e-5) ** 0.5).mean(1).max()))
     assert run.running_stats_divergence(now=0.0) == pytest.approx(expected, rel=1e-9)
+
+
+def _packed(layers: list[LayerStats], running: bool = True) -> PackedLayerStats:
+    """The same layers as one PackedLayerStats, built here from the LayerStats values."""
+
+    def block(field: str) -> bytes:
+        return np.concatenate([np.array(getattr(layer, field), dtype="<f8") for layer in layers]).tobytes()
+
+    packed = PackedLayerStats(
+        layer=[layer.layer for layer in layers],
+        channels=[len(layer.mean) for layer in layers],
+        count=[layer.count for layer in layers],
+        mean=block("mean"),
+        var=block("var"),
+    )
+    if running:
+        packed.running_mean, packed.running_var = block("running_mean"), block("running_var")
+    return packed
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_packed_layers_give_the_report_the_layer_messages_give(running: bool) -> None:
+    widths = (3, 5, 2)
+    data = [torch.randn(6 + i, c, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+            for i, c in enumerate(widths)]  # fmt: skip
+    layers = [_layer(f"l{i}", x, running=running) for i, x in enumerate(data)]
+    header = {"run_id": "run", "worker_id": "w0", "step": 3, "batch_size": 6}
+    one_by_one = parse_report(ReportRequest(**header, layers=layers))
+    packed = parse_report(ReportRequest(**header, packed=_packed(layers, running)))
+    assert packed.layout == one_by_one.layout and packed.layout.channels == widths
+    for block in ("count", "mean", "var", "running_mean", "running_var"):
+        torch.testing.assert_close(getattr(packed, block), getattr(one_by_one, block), equal_nan=True)
+    assert bool(packed.running_mean.isnan().all()) != running
+
+
+def _bad_packed(**change: object) -> PackedLayerStats:
+    layers = [_layer("a", _batch(0, 4)), _layer("b", _batch(1, 4)[:, :2])]
+    packed = _packed(layers)
+    for name, value in change.items():
+        if isinstance(value, list):
+            getattr(packed, name)[:] = value
+        else:
+            setattr(packed, name, value)
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"channels": [4]}, "bad_shape"),
+        ({"channels": [4, 3]}, "bad_shape"),
+        ({"channels": [4, 0]}, "bad_shape"),
+        ({"layer": ["a", "a"]}, "bad_layer_name"),
+        ({"count": [4.0, -1.0]}, "negative"),
+        ({"mean": b"\0" * 7}, "bad_shape"),
+        ({"running_var": b""}, "bad_shape"),
+        ({"mean": np.array([0.0] * 5 + [np.nan], dtype="<f8").tobytes()}, "not_finite"),
+        ({"var": np.array([1.0] * 5 + [-1.0], dtype="<f8").tobytes()}, "negative"),
+        ({"running_mean": np.array([1e70] * 6, dtype="<f8").tobytes()}, "too_large"),
+    ],
+)  # fmt: skip
+def test_bad_packed_reports_are_rejected_with_a_reason(change: dict, reason: str) -> None:
+    with pytest.raises(InvalidReport) as info:
+        parse_report(ReportRequest(run_id="run", worker_id="w0", packed=_bad_packed(**change)))
+    assert info.value.reason == reason
+
+
+def test_a_report_may_not_carry_both_encodings() -> None:
+    message = ReportRequest(run_id="run", worker_id="w0", layers=[_layer("a", _batch(0, 4))],
+                            packed=_bad_packed())  # fmt: skip
+    with pytest.raises(InvalidReport, match="not both"):
+        parse_report(message)
+
+
+@given(
+    names=st.lists(st.text(max_size=8), max_size=4),
+    channels=st.lists(st.integers(0, 5), max_size=4),
+    counts=st.lists(finite_or_not, max_size=4),
+    blocks=st.lists(st.binary(max_size=100), min_size=4, max_size=4),
+)
+@settings(max_examples=300, deadline=None)
+def test_fuzzed_packed_reports_are_either_rejected_cleanly_or_applied(
+    names, channels, counts, blocks
+) -> None:
+    run = RunState("run")
+    packed = PackedLayerStats(layer=names, channels=channels, count=counts, mean=blocks[0], var=blocks[1],
+                              running_mean=blocks[2], running_var=blocks[3])  # fmt: skip
+    try:
+        report = parse_report(ReportRequest(run_id="run", worker_id="w", packed=packed), run.channels())
+    except InvalidReport as error:
+        assert error.reason in REJECTION_REASONS and run.reports == 0
+        return
+    run.apply(report, now=0.0)
+    for name in report.layers:
+        stats = run.global_stats(name, now=0.0)
+        assert stats is not None and bool(torch.isfinite(stats.mean).all())

@@ -2,7 +2,8 @@
 
 Every ``report_every`` steps it snapshots, per SyncBN layer, this worker's
 *local* (pre-synchronization) batch count, mean and variance and the running
-buffers, and queues a report; a background thread sends it.  The training
+buffers, and queues them; a background thread builds the report (packed
+float64 blocks, see ``PackedLayerStats``) and sends it.  The training
 thread never waits on the network: the queue is bounded, a full queue drops the
 report (counted and logged), and a coordinator that is down or restarting
 costs failed sends (counted and logged), never an exception in training.
@@ -14,9 +15,11 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from syncnorm.batchnorm import SyncBatchNorm
 from syncnorm.coordinator.security import call_metadata, open_channel
@@ -25,6 +28,47 @@ from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 from syncnorm.moments import Moments
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerSnapshot:
+    """One layer at a reported step: this worker's batch moments and its running buffers."""
+
+    name: str
+    local: Moments
+    running: tuple[Tensor, Tensor] | None
+
+
+def _block(vectors: list[Tensor]) -> bytes:
+    return torch.cat([v.detach().reshape(-1) for v in vectors]).to("cpu", torch.float64).numpy().tobytes()
+
+
+def build_report(header: dict, layers: list[LayerSnapshot]) -> pb.ReportRequest:
+    """The ``ReportRequest`` for ``layers``: one ``PackedLayerStats`` (little-endian
+    float64 blocks) unless only some layers have running buffers, which the packed
+    form cannot say; then one ``LayerStats`` per layer."""
+    with_running = [snap.running is not None for snap in layers]
+    if all(with_running) or not any(with_running):
+        packed = pb.PackedLayerStats(
+            layer=[snap.name for snap in layers],
+            channels=[snap.local.mean.numel() for snap in layers],
+            count=[float(snap.local.count) for snap in layers],
+            mean=_block([snap.local.mean for snap in layers]),
+            var=_block([snap.local.biased_var for snap in layers]),
+        )
+        if layers and all(with_running):
+            packed.running_mean = _block([snap.running[0] for snap in layers])  # type: ignore[index]
+            packed.running_var = _block([snap.running[1] for snap in layers])  # type: ignore[index]
+        return pb.ReportRequest(**header, packed=packed)
+    messages = []
+    for snap in layers:
+        entry = pb.LayerStats(layer=snap.name, count=float(snap.local.count), mean=snap.local.mean.tolist(),
+                              var=snap.local.biased_var.tolist())  # fmt: skip
+        if snap.running is not None:
+            entry.running_mean.extend(snap.running[0].tolist())
+            entry.running_var.extend(snap.running[1].tolist())
+        messages.append(entry)
+    return pb.ReportRequest(**header, layers=messages)
 
 
 class StatsReporter:
@@ -76,7 +120,7 @@ class StatsReporter:
         self._observers = {name: self._observer(name) for name in self.layers}
         for name, layer in self.layers.items():
             layer.moment_observers.append(self._observers[name])
-        self._queue: queue.Queue[pb.ReportRequest | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[tuple[dict, list[LayerSnapshot]] | None] = queue.Queue(maxsize=queue_size)
         self._metadata = call_metadata(token)
         self._channel = open_channel(address, root_certificates)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
@@ -91,7 +135,10 @@ class StatsReporter:
         return observe
 
     def step(self, step: int, batch_size: int, step_time_s: float) -> None:
-        """Call after each training step; queues a report every ``report_every`` steps."""
+        """Call after each training step; queues a report every ``report_every`` steps.
+
+        Only references and device-side copies of small C-vectors are taken here;
+        the background thread copies them to the host and builds the message."""
         if step % self.report_every:
             return
         layers = []
@@ -99,20 +146,15 @@ class StatsReporter:
             local = self._latest.get(name)
             if local is None:
                 continue
-            count = float(local.count)
-            entry = pb.LayerStats(
-                layer=name, count=count, mean=local.mean.tolist(), var=local.biased_var.tolist()
-            )
+            running = None
             if layer.running_mean is not None and layer.running_var is not None:
-                entry.running_mean.extend(layer.running_mean.tolist())
-                entry.running_var.extend(layer.running_var.tolist())
-            layers.append(entry)
-        report = pb.ReportRequest(
-            run_id=self.run_id, worker_id=self.worker_id, step=step, device_kind=self._device_kind,
-            batch_size=batch_size, step_time_seconds=step_time_s, layers=layers,
-        )  # fmt: skip
+                running = (layer.running_mean.detach().clone(), layer.running_var.detach().clone())
+            layers.append(LayerSnapshot(name, local, running))
+        header = {"run_id": self.run_id, "worker_id": self.worker_id, "step": step,
+                  "device_kind": self._device_kind, "batch_size": batch_size,
+                  "step_time_seconds": step_time_s}  # fmt: skip
         try:
-            self._queue.put_nowait(report)
+            self._queue.put_nowait((header, layers))
         except queue.Full:
             self.dropped += 1
             log.warning(
@@ -121,11 +163,14 @@ class StatsReporter:
 
     def _send_loop(self) -> None:
         while True:
-            report = self._queue.get()
-            if report is None:
+            queued = self._queue.get()
+            if queued is None:
                 return
+            header, layers = queued
             try:
-                self._stub.Report(report, timeout=self.deadline_s, metadata=self._metadata)
+                self._stub.Report(
+                    build_report(header, layers), timeout=self.deadline_s, metadata=self._metadata
+                )
                 self.sent += 1
             except grpc.RpcError as error:
                 self.failed += 1

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,9 +163,92 @@ def _check_values(values: np.ndarray, layout: Layout, what: str) -> None:
             raise InvalidReport("negative", f"layer {layer(bad)!r}: {what} must be >= 0")
 
 
+_BLOCKS = ("mean", "var", "running_mean", "running_var")
+
+
+@dataclass
+class _Layers:
+    """A report's layers before the value checks: per layer name, channels, count and
+    whether it sent running buffers; per block the flat values (zeros where none)."""
+
+    names: list[str] = field(default_factory=list)
+    channels: list[int] = field(default_factory=list)
+    counts: list[float] = field(default_factory=list)
+    sent_running: list[bool] = field(default_factory=list)
+    blocks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, name: str, channels: int, count: float, known: Mapping[str, int]) -> None:
+        """Check one layer's name, channel count and count, and append them."""
+        if not name or len(name) > MAX_ID_LENGTH * 2 or name in self.names:
+            raise InvalidReport("bad_layer_name", f"layer names must be unique and non-empty: {name!r}")
+        if not 0 < channels <= MAX_CHANNELS:
+            raise InvalidReport(
+                "bad_shape", f"layer {name!r}: needs 1..{MAX_CHANNELS} channels, got {channels}"
+            )
+        expected = known.get(name)
+        if expected is not None and expected != channels:
+            raise InvalidReport("shape_changed", f"layer {name!r} had {expected} channels, now {channels}")
+        if not math.isfinite(count) or not 0 <= count <= MAX_MAGNITUDE:
+            raise InvalidReport("negative", f"layer {name!r}: count must be finite and >= 0")
+        self.names.append(name)
+        self.channels.append(channels)
+        self.counts.append(count)
+
+
+def _from_layer_messages(layers: Sequence[Any], known: Mapping[str, int]) -> _Layers:
+    out = _Layers()
+    # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
+    vectors: dict[str, list[np.ndarray]] = {k: [] for k in _BLOCKS}
+    for layer in layers:
+        c = len(layer.mean)
+        if len(layer.var) != c:
+            raise InvalidReport("bad_shape", f"layer {layer.layer!r}: mean and var need the same length")
+        has_running = len(layer.running_mean)
+        if has_running not in (0, c) or len(layer.running_var) != has_running:
+            raise InvalidReport(
+                "bad_shape",
+                f"layer {layer.layer!r}: running_mean and running_var must both be empty or have {c} values",
+            )
+        out.add(layer.layer, c, layer.count, known)
+        out.sent_running.append(bool(has_running))
+        for block in _BLOCKS:
+            values = getattr(layer, block)
+            vectors[block].append(np.array(values, dtype=np.float64) if len(values) else np.zeros(c))
+    out.blocks = {k: np.concatenate(v) if v else np.zeros(0) for k, v in vectors.items()}
+    return out
+
+
+def _from_packed(packed: Any, known: Mapping[str, int]) -> _Layers:
+    names, channels, counts = packed.layer, packed.channels, packed.count
+    if not len(names) == len(channels) == len(counts):
+        raise InvalidReport(
+            "bad_shape",
+            f"packed: {len(names)} layer names, {len(channels)} channel counts, {len(counts)} counts",
+        )
+    out = _Layers()
+    for name, c, count in zip(names, channels, counts, strict=True):
+        out.add(name, c, count, known)
+    size = 8 * sum(out.channels)
+    has_running = len(packed.running_mean) > 0
+    for block in _BLOCKS:
+        raw = getattr(packed, block)
+        wanted = size if has_running or not block.startswith("running") else 0
+        if len(raw) != wanted:
+            raise InvalidReport(
+                "bad_shape", f"packed {block}: {len(raw)} bytes, expected {wanted} (8 per channel)"
+            )
+        out.blocks[block] = (
+            np.frombuffer(raw, dtype="<f8").astype(np.float64) if wanted else np.zeros(size // 8)
+        )
+    out.sent_running = [has_running] * len(out.names)
+    return out
+
+
 def parse_report(message: object, known_channels: Mapping[str, int] | None = None) -> Report:
     """Check a ``ReportRequest`` and convert it; raises :class:`InvalidReport`.
 
+    The layers come either as ``LayerStats`` messages or as one
+    ``PackedLayerStats``; both give the same :class:`Report`.
     ``known_channels``: the channel count of each layer as first reported in
     this run; a later report must agree.
     """
@@ -177,55 +261,23 @@ def parse_report(message: object, known_channels: Mapping[str, int] | None = Non
         raise InvalidReport("negative", "step and batch_size must be >= 0")
     if not math.isfinite(m.step_time_seconds) or m.step_time_seconds < 0:
         raise InvalidReport("bad_step_time", "step_time_seconds must be finite and >= 0")
-    if len(m.layers) > MAX_LAYERS:
-        raise InvalidReport("too_many_layers", f"{len(m.layers)} layers, at most {MAX_LAYERS}")
+    packed = m.HasField("packed")
+    if packed and len(m.layers):
+        raise InvalidReport("bad_shape", "a report carries its layers as LayerStats or as packed, not both")
+    number = len(m.packed.layer) if packed else len(m.layers)
+    if number > MAX_LAYERS:
+        raise InvalidReport("too_many_layers", f"{number} layers, at most {MAX_LAYERS}")
     known = known_channels or {}
-    names: list[str] = []
-    channels: list[int] = []
-    counts: list[float] = []
-    sent_running: list[bool] = []
-    # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
-    vectors: dict[str, list[np.ndarray]] = {"mean": [], "var": [], "running_mean": [], "running_var": []}
-    for layer in m.layers:
-        if not layer.layer or len(layer.layer) > MAX_ID_LENGTH * 2 or layer.layer in names:
-            raise InvalidReport(
-                "bad_layer_name", f"layer names must be unique and non-empty: {layer.layer!r}"
-            )
-        c = len(layer.mean)
-        if not 0 < c <= MAX_CHANNELS or len(layer.var) != c:
-            raise InvalidReport(
-                "bad_shape", f"layer {layer.layer!r}: mean and var need 1..{MAX_CHANNELS} values each"
-            )
-        has_running = len(layer.running_mean)
-        if has_running not in (0, c) or len(layer.running_var) != has_running:
-            raise InvalidReport(
-                "bad_shape",
-                f"layer {layer.layer!r}: running_mean and running_var must both be empty or have {c} values",
-            )
-        expected = known.get(layer.layer)
-        if expected is not None and expected != c:
-            raise InvalidReport("shape_changed", f"layer {layer.layer!r} had {expected} channels, now {c}")
-        if not math.isfinite(layer.count) or not 0 <= layer.count <= MAX_MAGNITUDE:
-            raise InvalidReport("negative", f"layer {layer.layer!r}: count must be finite and >= 0")
-        names.append(layer.layer)
-        channels.append(c)
-        counts.append(layer.count)
-        vectors["mean"].append(np.array(layer.mean, dtype=np.float64))
-        vectors["var"].append(np.array(layer.var, dtype=np.float64))
-        sent_running.append(bool(has_running))
-        for field_name in ("running_mean", "running_var"):
-            values = getattr(layer, field_name)
-            vectors[field_name].append(np.array(values, dtype=np.float64) if has_running else np.zeros(c))
-    layout = Layout(tuple(names), tuple(channels))
-    flat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in vectors.items()}
-    for what, values in flat.items():
-        _check_values(values, layout, what)
-    without_running = np.repeat(~np.array(sent_running, dtype=bool), channels)
-    for what in ("running_mean", "running_var"):
-        flat[what][without_running] = np.nan
-    tensors = {k: torch.from_numpy(v) for k, v in flat.items()}
+    layers = _from_packed(m.packed, known) if packed else _from_layer_messages(m.layers, known)
+    layout = Layout(tuple(layers.names), tuple(layers.channels))
+    for block, values in layers.blocks.items():
+        _check_values(values, layout, block)
+    without_running = np.repeat(~np.array(layers.sent_running, dtype=bool), layers.channels)
+    for block in ("running_mean", "running_var"):
+        layers.blocks[block][without_running] = np.nan
+    tensors = {k: torch.from_numpy(v) for k, v in layers.blocks.items()}
     return Report(m.run_id, m.worker_id, int(m.step), m.device_kind, int(m.batch_size),
-                  float(m.step_time_seconds), layout, torch.tensor(counts, dtype=torch.float64),
+                  float(m.step_time_seconds), layout, torch.tensor(layers.counts, dtype=torch.float64),
                   **tensors)  # fmt: skip
 
 

@@ -22,8 +22,26 @@ class LayerStats(_message.Message):
     running_var: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, layer: _Optional[str] = ..., count: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., var: _Optional[_Iterable[float]] = ..., running_mean: _Optional[_Iterable[float]] = ..., running_var: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class PackedLayerStats(_message.Message):
+    __slots__ = ("layer", "channels", "count", "mean", "var", "running_mean", "running_var")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    VAR_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_MEAN_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_VAR_FIELD_NUMBER: _ClassVar[int]
+    layer: _containers.RepeatedScalarFieldContainer[str]
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[float]
+    mean: bytes
+    var: bytes
+    running_mean: bytes
+    running_var: bytes
+    def __init__(self, layer: _Optional[_Iterable[str]] = ..., channels: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[float]] = ..., mean: _Optional[bytes] = ..., var: _Optional[bytes] = ..., running_mean: _Optional[bytes] = ..., running_var: _Optional[bytes] = ...) -> None: ...
+
 class ReportRequest(_message.Message):
-    __slots__ = ("run_id", "worker_id", "step", "device_kind", "batch_size", "step_time_seconds", "layers")
+    __slots__ = ("run_id", "worker_id", "step", "device_kind", "batch_size", "step_time_seconds", "layers", "packed")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +49,7 @@ class ReportRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     worker_id: str
     step: int
@@ -38,7 +57,8 @@ class ReportRequest(_message.Message):
     batch_size: int
     step_time_seconds: float
     layers: _containers.RepeatedCompositeFieldContainer[LayerStats]
-    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., device_kind: _Optional[str] = ..., batch_size: _Optional[int] = ..., step_time_seconds: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ...) -> None: ...
+    packed: PackedLayerStats
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., device_kind: _Optional[str] = ..., batch_size: _Optional[int] = ..., step_time_seconds: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerStats, _Mapping]]] = ..., packed: _Optional[_Union[PackedLayerStats, _Mapping]] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
     __slots__ = ("reports_received",)
