@@ -7,7 +7,8 @@ pinned to one core (``taskset -c 0``); the simulated workers run here, on the
 other cores, each sending reports back to back for a fixed time.  Prints
 reports/s and the p50/p99 latency of the Report call, for the coordinator and,
 side by side, for a bare gRPC server of the same service whose Report does
-nothing: the cost of moving the bytes, which no coordinator code can go below.
+nothing (the cost of moving the bytes, which no coordinator code can go below),
+with the layers sent as ``LayerStats`` messages and as one ``PackedLayerStats``.
 
     python -m benchmarks.coordinator_load [--workers 4] [--seconds 10]
 """
@@ -163,14 +164,13 @@ def main() -> None:
         f"{size / 1e3:.0f} kB), server pinned to one core{'' if shutil.which('taskset') else ' (unpinned)'}:"
     )
     rates = {}
-    cases = (("bare gRPC", bare, True), ("coordinator, layer messages", coordinator, False),
-             ("coordinator, packed", coordinator, True))  # fmt: skip
-    for name, command, packed in cases:
-        latencies = measure(command, args.workers, args.seconds, packed)
-        rates[name] = len(latencies) / args.seconds
-        print(f"  {name:<29}{_summary(latencies, args.seconds)}", flush=True)
-    ratio = rates["coordinator, packed"] / rates["bare gRPC"]
-    print(f"  coordinator (packed) / bare gRPC throughput: {ratio:.2f}")
+    for encoding, packed in (("layer messages", False), ("packed", True)):
+        for server, command in (("bare gRPC", bare), ("coordinator", coordinator)):
+            latencies = measure(command, args.workers, args.seconds, packed)
+            rates[server, encoding] = len(latencies) / args.seconds
+            print(f"  {server + ', ' + encoding:<29}{_summary(latencies, args.seconds)}", flush=True)
+        ratio = rates["coordinator", encoding] / rates["bare gRPC", encoding]
+        print(f"  coordinator / bare gRPC throughput, {encoding}: {ratio:.2f}")
 
 
 if __name__ == "__main__":
