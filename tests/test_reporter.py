@@ -11,8 +11,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import syncnorm
-from syncnorm.coordinator.reporter import StatsReporter
+from syncnorm.coordinator.reporter import LayerSnapshot, StatsReporter, build_report
 from syncnorm.coordinator.server import start_coordinator
+from syncnorm.coordinator.state import parse_report
+from syncnorm.moments import local_moments
 
 SIZES = (8, 24)
 SHIFT = 3.0
@@ -97,3 +99,32 @@ def test_syncnorm_train_reports_to_the_coordinator(tmp_path) -> None:
         assert reports == 2 * math.ceil(44 / 5)  # 44 steps, reports at steps 0, 5, ..., 40, two workers
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("running", ["all", "none", "some"])
+def test_built_reports_carry_the_layers_values(running: str) -> None:
+    """Packed when every layer (or none) has running buffers, one message per layer
+    otherwise; either way the coordinator reads back exactly the values given."""
+    g = torch.Generator().manual_seed(0)
+    xs = {"a": torch.randn(6, 3, 2, 2, generator=g), "b": torch.randn(6, 5, 2, 2, generator=g)}
+    snaps = []
+    for i, (name, x) in enumerate(xs.items()):
+        buffers = (
+            (x.mean((0, 2, 3)), x.var((0, 2, 3)))
+            if running == "all" or (running == "some" and i == 0)
+            else None
+        )
+        snaps.append(LayerSnapshot(name, local_moments(x, torch.float32), buffers))
+    message = build_report({"run_id": "r", "worker_id": "w", "step": 1, "batch_size": 6}, snaps)
+    assert message.HasField("packed") == (running != "some")
+    report = parse_report(message)
+    assert report.layers == ("a", "b")
+    for snap in snaps:
+        part = report.layout.slice(snap.name)
+        torch.testing.assert_close(report.mean[part], snap.local.mean.double())
+        torch.testing.assert_close(report.var[part], snap.local.biased_var.double())
+        assert float(report.count[report.layout.index[snap.name]]) == float(snap.local.count)
+        if snap.running is None:
+            assert bool(report.running_mean[part].isnan().all())
+        else:
+            torch.testing.assert_close(report.running_var[part], snap.running[1].double())

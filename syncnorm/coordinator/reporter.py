@@ -150,6 +150,8 @@ class StatsReporter:
             if layer.running_mean is not None and layer.running_var is not None:
                 running = (layer.running_mean.detach().clone(), layer.running_var.detach().clone())
             layers.append(LayerSnapshot(name, local, running))
+        if not layers:  # no SyncBN layer has run yet
+            return
         header = {"run_id": self.run_id, "worker_id": self.worker_id, "step": step,
                   "device_kind": self._device_kind, "batch_size": batch_size,
                   "step_time_seconds": step_time_s}  # fmt: skip
@@ -172,12 +174,11 @@ class StatsReporter:
                     build_report(header, layers), timeout=self.deadline_s, metadata=self._metadata
                 )
                 self.sent += 1
-            except grpc.RpcError as error:
+            except Exception as error:  # never let one report stop the reporting thread
                 self.failed += 1
                 if self.failed == 1 or self.failed % 100 == 0:
-                    log.warning(
-                        "syncnorm reporter: %d report(s) not delivered (%s)", self.failed, error.code()
-                    )
+                    reason = error.code() if isinstance(error, grpc.RpcError) else repr(error)
+                    log.warning("syncnorm reporter: %d report(s) not delivered (%s)", self.failed, reason)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Send what is queued (waiting at most ``timeout_s``), then stop."""
