@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from syncnorm.function import check_enough_values, compute_dtype
+from syncnorm.function import autocast_off, check_enough_values, compute_dtype
 from syncnorm.moments import Moments, local_moments
 from syncnorm.transports.base import LayerKey, StatsReducer
 
@@ -77,7 +77,7 @@ class _GlobalBatchMoments(torch.autograd.Function):
         ctx: Any, x: Tensor, reducer: StatsReducer, layer: LayerKey
     ) -> tuple[Tensor, Tensor, Tensor]:
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             total = reducer.merge_moments(local_moments(x, dtype), layer)
             check_enough_values(total, x.numel() // max(x.shape[1], 1), x.shape)
             count = total.count.to(dtype)
@@ -95,7 +95,7 @@ class _GlobalBatchMoments(torch.autograd.Function):
     ) -> tuple[Tensor | None, None, None]:
         x, mean, count = ctx.saved_tensors
         c = mean.numel()
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             local = torch.cat([grad_mean.to(mean.dtype), grad_var.to(mean.dtype)])
             total = ctx.reducer.sum_across_workers(local, ctx.layer)
             per_value = total[:c] / count

@@ -80,7 +80,7 @@ def check_enough_values(total: Moments, local_count: int, input_shape: torch.Siz
         )
 
 
-def _autocast_off(device_type: str) -> AbstractContextManager:
+def autocast_off(device_type: str) -> AbstractContextManager:
     """Autocast switched off, as cheaply as possible when it is not on anyway."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -124,7 +124,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         observe: Callable[[Moments, Moments], None] | None = None,
     ) -> Tensor:
         dtype = compute_dtype(x)
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             xc = x if x.dtype == dtype else x.to(dtype)  # one upcast for half inputs, shared
             local = local_moments(xc, dtype)
             total = reducer.merge_moments(local, layer)
@@ -150,7 +150,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd, count = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = mean.dtype
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             xc, dyc = x.to(dtype), dy.to(dtype)
             sum_dy_xhat, sum_dy = local_gradient_sums(dyc, xc, mean, invstd)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncnorm.function import compute_dtype, memory_format_of
+from syncnorm.function import autocast_off, compute_dtype, memory_format_of
 from syncnorm.norms.base import BatchBranchNorm, channel_view
 from syncnorm.transports.base import StatsReducer
 
@@ -86,7 +86,7 @@ class SyncConditionalBatchNorm2d(BatchBranchNorm):
         self.check_input(x)
         self.check_condition(condition, x.shape[0])
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             xc = x.to(dtype)
             mean, var = self.batch_statistics(xc)
             assert var is not None

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from syncnorm.function import compute_dtype, memory_format_of
+from syncnorm.function import autocast_off, compute_dtype, memory_format_of
 from syncnorm.norms.base import BatchBranchNorm, channel_view
 from syncnorm.transports.base import StatsReducer
 
@@ -72,7 +72,7 @@ class SyncMeanOnlyBatchNorm2d(BatchBranchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             xc = x.to(dtype)
             mean, _ = self.batch_statistics(xc)
             y = xc - channel_view(mean)

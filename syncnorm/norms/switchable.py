@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from syncnorm.function import compute_dtype, memory_format_of
+from syncnorm.function import autocast_off, compute_dtype, memory_format_of
 from syncnorm.norms.base import BatchBranchNorm, channel_view
 from syncnorm.transports.base import StatsReducer
 
@@ -84,7 +84,7 @@ class SyncSwitchableNorm2d(BatchBranchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             xc = x.to(dtype)  # one upcast for half inputs, shared by every branch
             mean_bn, var_bn = self.batch_statistics(xc)
             assert var_bn is not None
