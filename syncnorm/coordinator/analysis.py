@@ -50,22 +50,13 @@ def merge_reports(counts: Tensor, means: Tensor, variances: Tensor) -> Moments:
 def standardized_shift(
     worker_mean: Tensor, global_mean: Tensor, global_var: Tensor, eps: float = EPS
 ) -> Tensor:
-    """Per channel ``|mu_w - mu_g| / sqrt(var_g + eps)``; :func:`stats_drift` averages it."""
+    """Per channel ``|mu_w - mu_g| / sqrt(var_g + eps)``; a layer's drift is its mean over channels."""
     return (worker_mean - global_mean).abs() / (global_var + eps).sqrt()
 
 
-def stats_drift(worker_mean: Tensor, global_mean: Tensor, global_var: Tensor, eps: float = EPS) -> float:
-    """Drift of a worker in one layer (see the module docstring)."""
-    return float(standardized_shift(worker_mean, global_mean, global_var, eps).mean())
-
-
 def log_var_ratios(worker_var: Tensor, global_var: Tensor, eps: float = EPS) -> Tensor:
-    """Per channel ``log((var_w + eps) / (var_g + eps))``; :func:`log_var_ratio` averages it."""
+    """Per channel ``log((var_w + eps) / (var_g + eps))``; the log variance ratio is its mean."""
     return ((worker_var + eps) / (global_var + eps)).log()
-
-
-def log_var_ratio(worker_var: Tensor, global_var: Tensor, eps: float = EPS) -> float:
-    return float(log_var_ratios(worker_var, global_var, eps).mean())
 
 
 def batch_size_mismatch_ratio(batch_sizes: Sequence[int]) -> float:
@@ -93,17 +84,6 @@ def running_mean_spread(
     average = torch.where(present, means, 0.0).sum(0) / holders
     scale = (torch.where(present, variances, 0.0).sum(0) / holders + eps).sqrt()
     return torch.where(present, (means - average).abs() / scale, 0.0)
-
-
-def running_stats_divergence(
-    running_means: Sequence[Tensor], running_vars: Sequence[Tensor], eps: float = EPS
-) -> float:
-    """For one layer: the largest standardized distance of a worker's running mean
-    from the workers' average (see the module docstring)."""
-    if len(running_means) < 2:
-        return 0.0
-    spread = running_mean_spread(torch.stack(list(running_means)), torch.stack(list(running_vars)), eps=eps)
-    return float(spread.mean(1).max())
 
 
 def recommend_batch_sizes(

@@ -86,6 +86,16 @@ class Layout:
             torch.arange(len(self.names)), torch.tensor(self.channels, dtype=torch.long)
         )
 
+    @cached_property
+    def offset_index(self) -> Tensor:
+        """``(L,)``: ``offsets`` as an index tensor."""
+        return torch.tensor(self.offsets, dtype=torch.long)
+
+    def at_layer_starts(self, per_channel: Tensor) -> Tensor:
+        """``(..., C) -> (..., L)``: each layer's first channel (for values that are
+        the same over a layer's channels, such as counts)."""
+        return per_channel[..., self.offset_index]
+
     def per_channel(self, per_layer: Tensor) -> Tensor:
         """``(..., L) -> (..., C)``: each layer's value repeated over its channels."""
         return per_layer[..., self.layer_of_channel]
@@ -111,10 +121,8 @@ class Layout:
         """Indices in this layout of ``other``'s layers ``(L_other,)`` and channels
         ``(C_other,)``; every layer of ``other`` must be here."""
         layers = torch.tensor([self.index[n] for n in other.names], dtype=torch.long)
-        starts = torch.tensor(self.offsets, dtype=torch.long)[layers]
-        within = (
-            torch.arange(other.size) - torch.tensor(other.offsets, dtype=torch.long)[other.layer_of_channel]
-        )
+        starts = self.offset_index[layers]
+        within = torch.arange(other.size) - other.offset_index[other.layer_of_channel]
         return layers, starts[other.layer_of_channel] + within
 
 
@@ -399,7 +407,7 @@ class RunState:
         if report.step > self.latest_step:
             self.latest_step = report.step
             merged, reported = self._merge_live(now)
-            with_values = reported & (self.layout_counts(merged) > 0)  # (L,)
+            with_values = reported & (self.layout.at_layer_starts(merged.count) > 0)  # (L,)
             update = self.layout.per_channel(with_values)
             first = self.layout.per_channel(~self.ema_started)
             for name, value in (("ema_mean", merged.mean), ("ema_var", merged.unbiased_var)):
@@ -407,11 +415,6 @@ class RunState:
                 moved = torch.where(first, value, analysis.ema_update(previous, value, self.momentum))
                 setattr(self, name, torch.where(update, moved, previous))
             self.ema_started = self.ema_started | with_values
-
-    def layout_counts(self, moments: Moments) -> Tensor:
-        """``(L,)``: the per-layer count of per-channel moments."""
-        offsets = torch.tensor(self.layout.offsets, dtype=torch.long)
-        return moments.count[offsets] if len(offsets) else moments.count[:0]
 
     def cumulative(self, layer: str) -> Moments | None:
         """Every accepted report of ``layer`` merged; None before any values arrived."""
