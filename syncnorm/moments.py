@@ -111,17 +111,21 @@ def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
     return Moments(total, mean, m2)
 
 
-def merge_pair(a: Moments, b: Moments) -> Moments:
-    """The moments of the union of two sets (e.g. a running total and a new batch).
+def merge_into(total: Moments, batch: Moments) -> None:
+    """Merge ``batch`` into ``total`` in place (e.g. a running total and a new batch).
 
-    Chan et al.'s pairwise form of :func:`merge_moments`, without stacking: with
-    ``delta = mu_b - mu_a``, ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / N``.
+    Chan et al.'s pairwise form of :func:`merge_moments`, without stacking or new
+    state: with ``delta = mu_b - mu_a``, ``N = n_a + n_b``,
+    ``mu = mu_a + delta * n_b / N`` and ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / N``.
+    ``total``'s tensors are overwritten; counts of both must have the same shape
+    (0-d, or per channel).
     """
-    total = a.count + b.count
-    scale = 1 / total.clamp(min=torch.finfo(total.dtype).tiny)
-    mean = a.mean * (a.count * scale) + b.mean * (b.count * scale)
-    m2 = a.m2 + b.m2 + (b.mean - a.mean).square() * (a.count * b.count * scale)
-    return Moments(total, mean, m2)
+    count = total.count + batch.count
+    share = batch.count / count.clamp(min=torch.finfo(count.dtype).tiny)  # n_b / N
+    delta = batch.mean - total.mean
+    total.mean.addcmul_(delta, share)
+    total.m2.add_(batch.m2).addcmul_(delta.square_(), share.mul_(total.count))  # n_a * n_b / N
+    total.count.copy_(count)
 
 
 def to_power_sums(m: Moments) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from syncnorm.batchnorm import SyncBatchNorm
-from syncnorm.moments import Moments, merge_pair
+from syncnorm.moments import Moments, merge_into
 
 
 class _PopulationMoments:
@@ -31,8 +31,10 @@ class _PopulationMoments:
         self.total: Moments | None = None
 
     def __call__(self, local: Moments, batch: Moments) -> None:
-        batch = Moments(batch.count.double(), batch.mean.double(), batch.m2.double())
-        self.total = batch if self.total is None else merge_pair(self.total, batch)
+        if self.total is None:  # a copy: merge_into overwrites it
+            self.total = Moments(*(t.double().clone() for t in (batch.count, batch.mean, batch.m2)))
+        else:
+            merge_into(self.total, Moments(batch.count.double(), batch.mean.double(), batch.m2.double()))
 
 
 def _first_tensor(batch: Any) -> Tensor:

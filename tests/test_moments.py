@@ -9,8 +9,8 @@ from syncnorm.moments import (
     Moments,
     from_power_sums,
     local_moments,
+    merge_into,
     merge_moments,
-    merge_pair,
     to_power_sums,
     update_running_stats,
 )
@@ -40,7 +40,8 @@ def test_merge_equals_moments_of_concatenation(sizes: list[int]) -> None:
 @pytest.mark.parametrize(("n_a", "n_b"), [(5, 9), (0, 4), (4, 0), (0, 0)])
 def test_pairwise_merge_equals_moments_of_concatenation(n_a: int, n_b: int) -> None:
     a, b = torch.randn(n_a, 3, dtype=torch.float64) + 1e4, torch.randn(n_b, 3, dtype=torch.float64) * 2
-    merged = merge_pair(local_moments(a, torch.float64), local_moments(b, torch.float64))
+    merged = local_moments(a, torch.float64)
+    merge_into(merged, local_moments(b, torch.float64))
     both = torch.cat([a, b])
     assert float(merged.count) == n_a + n_b
     if n_a + n_b:
@@ -59,7 +60,8 @@ def test_merges_take_a_count_per_channel() -> None:
     means = torch.tensor([[float(m.mean[0]) for m in row] for row in moments], dtype=torch.float64)
     m2s = torch.tensor([[float(m.m2[0]) for m in row] for row in moments], dtype=torch.float64)
     merged = merge_moments(counts.double(), means, m2s)
-    paired = merge_pair(*(Moments(counts[i].double(), means[i], m2s[i]) for i in range(2)))
+    paired = Moments(counts[0].double(), means[0].clone(), m2s[0].clone())
+    merge_into(paired, Moments(counts[1].double(), means[1], m2s[1]))
     for j in range(3):
         column = torch.cat([data[0][j], data[1][j]])
         for result in (merged, paired):
