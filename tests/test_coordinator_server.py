@@ -147,8 +147,8 @@ def test_a_coordinator_killed_mid_run_comes_back_with_everything_it_acknowledged
     try:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = pb_grpc.CoordinatorStub(channel)
-            for step in range(1, 4):
-                stub.Report(_report("w0", 8, shift=3.0, step=step), timeout=DEADLINE_S)
+            for step in range(1, 8):  # past OPEN_STEPS: some steps folded into the EMA, some open
+                stub.Report(_report("w0", 8, shift=3.0 + step, step=step), timeout=DEADLINE_S)
                 stub.Report(_report("w1", 24, step=step), timeout=DEADLINE_S)
             bad = _report("w1", 8)
             bad.layers[0].mean.append(0.0)
@@ -167,7 +167,7 @@ def test_a_coordinator_killed_mid_run_comes_back_with_everything_it_acknowledged
         assert after == before
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=DEADLINE_S) as answer:
             text = answer.read().decode()
-        assert 'syncnorm_reports_total{run="demo"} 6.0' in text
+        assert 'syncnorm_reports_total{run="demo"} 14.0' in text
         assert 'syncnorm_reports_rejected_total{reason="bad_shape"} 1.0' in text
         assert 'syncnorm_batch_size_mismatch_ratio{run="demo"} 3.0' in text
     finally:

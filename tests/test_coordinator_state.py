@@ -10,7 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncnorm.coordinator.state import REJECTION_REASONS, InvalidReport, RunState, parse_report
+from syncnorm.coordinator.state import (
+    OPEN_STEPS,
+    REJECTION_REASONS,
+    InvalidReport,
+    RunState,
+    parse_report,
+)
 from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, PackedLayerStats, ReportRequest
 
 
@@ -59,13 +65,42 @@ def test_a_shifted_worker_shows_its_drift_and_staleness_ages_workers_out() -> No
     assert set(run.live(now=31.0)) == set()
 
 
-def test_ema_follows_the_merged_step_statistics() -> None:
+def test_ema_is_batchnorm_running_stats_over_each_steps_global_batch() -> None:
+    """Two workers with uneven batches report 8 steps, some reports arriving after the
+    other worker's later steps; the EMA is what one torch.nn.BatchNorm1d keeps when fed
+    each step's concatenated global batch (its buffers started at step 0's statistics)."""
+    momentum = 0.3
+    run = RunState("run", momentum=momentum)
+    sizes = (5, 11)
+    batches = {(w, s): _batch(10 * s + w, sizes[w], shift=0.5 * s) for w in range(2) for s in range(8)}
+    order = [(0, 0), (1, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (0, 4), (1, 3), (1, 4),
+             (0, 5), (0, 6), (0, 7), (1, 5), (1, 6), (1, 7)]  # fmt: skip
+    assert len(set(order)) == len(batches)
+    for w, s in order:
+        run.apply(parse_report(_request(f"w{w}", s, batches[w, s])), now=0.0)
+    bn = torch.nn.BatchNorm1d(4, momentum=momentum, dtype=torch.float64)
+    first = torch.cat([batches[0, 0], batches[1, 0]])
+    bn.running_mean.copy_(first.mean(0))
+    bn.running_var.copy_(first.var(0))
+    for s in range(1, 8):
+        bn(torch.cat([batches[0, s], batches[1, s]]))
+    mean, var = run.ema("bn1")
+    torch.testing.assert_close(mean, bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, bn.running_var, rtol=1e-12, atol=1e-12)
+    assert run.folded_through == 7 - OPEN_STEPS  # the newest steps wait, and are read all the same
+
+
+def test_a_report_older_than_the_open_steps_misses_the_ema_only() -> None:
     run = RunState("run", momentum=0.5)
-    first, second = _batch(0, 50), _batch(1, 50, shift=1.0)
-    run.apply(parse_report(_request("w0", 1, first)), now=0.0)
-    run.apply(parse_report(_request("w0", 2, second)), now=0.0)
-    expected = 0.5 * first.mean(0) + 0.5 * second.mean(0)
-    torch.testing.assert_close(run.ema("bn1")[0], expected)
+    for s in range(OPEN_STEPS + 2):
+        run.apply(parse_report(_request("w0", s, _batch(s, 6, shift=s))), now=0.0)
+    ema = run.ema("bn1")
+    late = _batch(99, 6, shift=-50.0)
+    run.apply(parse_report(_request("w1", 0, late)), now=0.0)  # step 0 is in the EMA already
+    torch.testing.assert_close(run.ema("bn1"), ema, rtol=0, atol=0)
+    every = torch.cat([_batch(s, 6, shift=s) for s in range(OPEN_STEPS + 2)] + [late])
+    torch.testing.assert_close(run.cumulative("bn1").mean, every.mean(0))
+    assert run.reports == OPEN_STEPS + 3
 
 
 @pytest.mark.parametrize(
@@ -212,11 +247,11 @@ def test_layers_of_different_widths_reported_in_any_order_and_subset() -> None:
     assert run.running_stats_divergence(now=0.0) == pytest.approx(expected, rel=1e-9)
 
 
-def _packed(layers: list[LayerStats], running: bool = True) -> PackedLayerStats:
+def _packed(layers: list[LayerStats], running: bool = True, dtype: str = "<f8") -> PackedLayerStats:
     """The same layers as one PackedLayerStats, built here from the LayerStats values."""
 
     def block(field: str) -> bytes:
-        return np.concatenate([np.array(getattr(layer, field), dtype="<f8") for layer in layers]).tobytes()
+        return np.concatenate([np.array(getattr(layer, field), dtype=dtype) for layer in layers]).tobytes()
 
     packed = PackedLayerStats(
         layer=[layer.layer for layer in layers],
@@ -224,6 +259,7 @@ def _packed(layers: list[LayerStats], running: bool = True) -> PackedLayerStats:
         count=[layer.count for layer in layers],
         mean=block("mean"),
         var=block("var"),
+        value_type=PackedLayerStats.ValueType.Value(f"VALUE_TYPE_FLOAT{8 * int(dtype[-1])}"),
     )
     if running:
         packed.running_mean, packed.running_var = block("running_mean"), block("running_var")
@@ -231,17 +267,25 @@ def _packed(layers: list[LayerStats], running: bool = True) -> PackedLayerStats:
 
 
 @pytest.mark.parametrize("running", [True, False])
-def test_packed_layers_give_the_report_the_layer_messages_give(running: bool) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_packed_layers_give_the_report_the_layer_messages_give(running: bool, dtype: torch.dtype) -> None:
+    """Values held in ``dtype`` (float32: as an fp32 model holds them) read back
+    exactly from float64 LayerStats and from packed blocks of ``dtype``."""
     widths = (3, 5, 2)
-    data = [torch.randn(6 + i, c, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+    data = [torch.randn(6 + i, c, generator=torch.Generator().manual_seed(i), dtype=dtype).double()
             for i, c in enumerate(widths)]  # fmt: skip
     layers = [_layer(f"l{i}", x, running=running) for i, x in enumerate(data)]
+    if dtype == torch.float32:  # the statistics themselves rounded to float32, as a worker holds them
+        for layer in layers:
+            for block in ("mean", "var", "running_mean", "running_var"):
+                getattr(layer, block)[:] = np.array(getattr(layer, block), dtype=np.float32).tolist()
     header = {"run_id": "run", "worker_id": "w0", "step": 3, "batch_size": 6}
     one_by_one = parse_report(ReportRequest(**header, layers=layers))
-    packed = parse_report(ReportRequest(**header, packed=_packed(layers, running)))
+    packed_layers = _packed(layers, running, "<f8" if dtype == torch.float64 else "<f4")
+    packed = parse_report(ReportRequest(**header, packed=packed_layers))
     assert packed.layout == one_by_one.layout and packed.layout.channels == widths
     for block in ("count", "mean", "var", "running_mean", "running_var"):
-        torch.testing.assert_close(getattr(packed, block), getattr(one_by_one, block), equal_nan=True)
+        assert torch.equal(getattr(packed, block).nan_to_num(), getattr(one_by_one, block).nan_to_num())
     assert bool(packed.running_mean.isnan().all()) != running
 
 
@@ -269,6 +313,8 @@ def _bad_packed(**change: object) -> PackedLayerStats:
         ({"mean": np.array([0.0] * 5 + [np.nan], dtype="<f8").tobytes()}, "not_finite"),
         ({"var": np.array([1.0] * 5 + [-1.0], dtype="<f8").tobytes()}, "negative"),
         ({"running_mean": np.array([1e70] * 6, dtype="<f8").tobytes()}, "too_large"),
+        ({"value_type": PackedLayerStats.VALUE_TYPE_FLOAT32}, "bad_shape"),  # 8 bytes a value where 4 are due
+        ({"value_type": 7}, "bad_shape"),
     ],
 )  # fmt: skip
 def test_bad_packed_reports_are_rejected_with_a_reason(change: dict, reason: str) -> None:
@@ -289,14 +335,16 @@ def test_a_report_may_not_carry_both_encodings() -> None:
     channels=st.lists(st.integers(0, 5), max_size=4),
     counts=st.lists(finite_or_not, max_size=4),
     blocks=st.lists(st.binary(max_size=100), min_size=4, max_size=4),
+    value_type=st.integers(0, 2),
 )
 @settings(max_examples=300, deadline=None)
 def test_fuzzed_packed_reports_are_either_rejected_cleanly_or_applied(
-    names, channels, counts, blocks
+    names, channels, counts, blocks, value_type
 ) -> None:
     run = RunState("run")
     packed = PackedLayerStats(layer=names, channels=channels, count=counts, mean=blocks[0], var=blocks[1],
                               running_mean=blocks[2], running_var=blocks[3])  # fmt: skip
+    packed.value_type = value_type
     try:
         report = parse_report(ReportRequest(run_id="run", worker_id="w", packed=packed), run.channels())
     except InvalidReport as error:

@@ -14,6 +14,7 @@ import syncnorm
 from syncnorm.coordinator.reporter import LayerSnapshot, StatsReporter, build_report
 from syncnorm.coordinator.server import start_coordinator
 from syncnorm.coordinator.state import parse_report
+from syncnorm.coordinator.v1.coordinator_pb2 import PackedLayerStats
 from syncnorm.moments import local_moments
 
 SIZES = (8, 24)
@@ -102,11 +103,14 @@ def test_syncnorm_train_reports_to_the_coordinator(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("running", ["all", "none", "some"])
-def test_built_reports_carry_the_layers_values(running: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_built_reports_carry_the_layers_values(running: str, dtype: torch.dtype) -> None:
     """Packed when every layer (or none) has running buffers, one message per layer
-    otherwise; either way the coordinator reads back exactly the values given."""
+    otherwise; packed blocks are float32 for a float32 model, float64 for a float64
+    one; either way the coordinator reads back exactly the values given."""
     g = torch.Generator().manual_seed(0)
-    xs = {"a": torch.randn(6, 3, 2, 2, generator=g), "b": torch.randn(6, 5, 2, 2, generator=g)}
+    xs = {"a": torch.randn(6, 3, 2, 2, generator=g, dtype=dtype),
+          "b": torch.randn(6, 5, 2, 2, generator=g, dtype=dtype)}  # fmt: skip
     snaps = []
     for i, (name, x) in enumerate(xs.items()):
         buffers = (
@@ -114,17 +118,22 @@ def test_built_reports_carry_the_layers_values(running: str) -> None:
             if running == "all" or (running == "some" and i == 0)
             else None
         )
-        snaps.append(LayerSnapshot(name, local_moments(x, torch.float32), buffers))
+        snaps.append(LayerSnapshot(name, local_moments(x, dtype), buffers))
     message = build_report({"run_id": "r", "worker_id": "w", "step": 1, "batch_size": 6}, snaps)
     assert message.HasField("packed") == (running != "some")
+    if message.HasField("packed"):
+        float32 = message.packed.value_type == PackedLayerStats.VALUE_TYPE_FLOAT32
+        assert float32 == (dtype == torch.float32)
+        assert len(message.packed.mean) == (4 if float32 else 8) * 8  # 8 channels
     report = parse_report(message)
     assert report.layers == ("a", "b")
     for snap in snaps:
         part = report.layout.slice(snap.name)
-        torch.testing.assert_close(report.mean[part], snap.local.mean.double())
-        torch.testing.assert_close(report.var[part], snap.local.biased_var.double())
+        assert torch.equal(report.mean[part], snap.local.mean.double())
+        assert torch.equal(report.var[part], snap.local.biased_var.double())
         assert float(report.count[report.layout.index[snap.name]]) == float(snap.local.count)
         if snap.running is None:
             assert bool(report.running_mean[part].isnan().all())
         else:
-            torch.testing.assert_close(report.running_var[part], snap.running[1].double())
+            assert torch.equal(report.running_mean[part], snap.running[0].double())
+            assert torch.equal(report.running_var[part], snap.running[1].double())

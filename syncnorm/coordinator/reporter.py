@@ -3,7 +3,7 @@
 Every ``report_every`` steps it snapshots, per SyncBN layer, this worker's
 *local* (pre-synchronization) batch count, mean and variance and the running
 buffers, and queues them; a background thread builds the report (packed
-float64 blocks, see ``PackedLayerStats``) and sends it.  The training
+blocks, see ``PackedLayerStats`` and :func:`build_report`) and sends it.  The training
 thread never waits on the network: the queue is bounded, a full queue drops the
 report (counted and logged), and a coordinator that is down or restarting
 costs failed sends (counted and logged), never an exception in training.
@@ -39,26 +39,36 @@ class LayerSnapshot:
     running: tuple[Tensor, Tensor] | None
 
 
-def _block(vectors: list[Tensor]) -> bytes:
-    return torch.cat([v.detach().reshape(-1) for v in vectors]).to("cpu", torch.float64).numpy().tobytes()
+def _block(vectors: list[Tensor], dtype: torch.dtype) -> bytes:
+    values = torch.cat([v.detach().reshape(-1) for v in vectors]).to("cpu", dtype).numpy()
+    return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def build_report(header: dict, layers: list[LayerSnapshot]) -> pb.ReportRequest:
-    """The ``ReportRequest`` for ``layers``: one ``PackedLayerStats`` (little-endian
-    float64 blocks) unless only some layers have running buffers, which the packed
-    form cannot say; then one ``LayerStats`` per layer."""
+    """The ``ReportRequest`` for ``layers``: one ``PackedLayerStats`` unless only
+    some layers have running buffers, which the packed form cannot say; then one
+    ``LayerStats`` per layer.  The packed blocks are float32 when every value
+    is held in float32 or narrower (nothing is lost, and the report is half the
+    size), float64 otherwise."""
     with_running = [snap.running is not None for snap in layers]
     if all(with_running) or not any(with_running):
+        vectors = {
+            "mean": [snap.local.mean for snap in layers],
+            "var": [snap.local.biased_var for snap in layers],
+        }
+        if layers and all(with_running):
+            vectors["running_mean"] = [snap.running[0] for snap in layers]  # type: ignore[index]
+            vectors["running_var"] = [snap.running[1] for snap in layers]  # type: ignore[index]
+        narrow = all(v.dtype.itemsize <= 4 for block in vectors.values() for v in block)
+        dtype = torch.float32 if narrow else torch.float64
+        value_type = pb.PackedLayerStats.ValueType.Value(f"VALUE_TYPE_FLOAT{32 if narrow else 64}")
         packed = pb.PackedLayerStats(
             layer=[snap.name for snap in layers],
             channels=[snap.local.mean.numel() for snap in layers],
             count=[float(snap.local.count) for snap in layers],
-            mean=_block([snap.local.mean for snap in layers]),
-            var=_block([snap.local.biased_var for snap in layers]),
+            value_type=value_type,
+            **{block: _block(block_vectors, dtype) for block, block_vectors in vectors.items()},
         )
-        if layers and all(with_running):
-            packed.running_mean = _block([snap.running[0] for snap in layers])  # type: ignore[index]
-            packed.running_var = _block([snap.running[1] for snap in layers])  # type: ignore[index]
         return pb.ReportRequest(**header, packed=packed)
     messages = []
     for snap in layers:

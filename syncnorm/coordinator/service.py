@@ -55,10 +55,10 @@ class Coordinator:
                 raise
             if run is None:
                 run = self.runs[report.run_id] = RunState(report.run_id, self.momentum, self.stale_after_s)
-            run.apply(report, now)
+            estimates_changed = run.apply(report, now)
             if self.store is not None:
                 try:
-                    self.store.save_report(run, report.worker_id, message)
+                    self.store.save_report(run, report.worker_id, message, estimates_changed)
                 except Exception:
                     # Not durable, so not accepted: go back to what the store holds.
                     self.runs, self.rejected = self.store.load(self.momentum, self.stale_after_s)
@@ -75,14 +75,15 @@ class Coordinator:
         with self.lock:
             run = self.run(run_id)
             layers = []
+            estimates = run.estimates()
             for name in sorted(run.layout.names):
                 entry = pb.GlobalLayerStats(layer=name)
-                cumulative = run.cumulative(name)
+                cumulative = estimates.cumulative.get(name)
                 if cumulative is not None:
                     entry.count = float(cumulative.count)
                     entry.cumulative_mean.extend(cumulative.mean.tolist())
                     entry.cumulative_var.extend(cumulative.unbiased_var.tolist())
-                ema = run.ema(name)
+                ema = estimates.ema.get(name)
                 if ema is not None:
                     entry.ema_mean.extend(ema[0].tolist())
                     entry.ema_var.extend(ema[1].tolist())

@@ -3,8 +3,9 @@
 A report is validated completely before it touches any state: a rejected report
 changes nothing.  Global statistics of a layer are the exact merge of the
 latest report of every live worker (count-weighted); the cumulative estimate
-merges every accepted report; the EMA follows the merged latest reports, one
-update per new step.
+merges every accepted report; the EMA takes, step by step, the exact merge of
+the reports of each reported step (the step's global batch), the way
+``torch.nn.BatchNorm``'s running buffers take a batch.
 
 All statistics of a run sit in flat per-channel arrays, the layers side by
 side in a :class:`Layout`, so that taking a report or computing every metric
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from syncnorm.coordinator import analysis
-from syncnorm.moments import Moments, merge_pair
+from syncnorm.moments import Moments, merge_into
 
 MAX_LAYERS = 1024
 MAX_CHANNELS = 65_536
@@ -98,7 +99,7 @@ class Layout:
 
     def per_channel(self, per_layer: Tensor) -> Tensor:
         """``(..., L) -> (..., C)``: each layer's value repeated over its channels."""
-        return per_layer[..., self.layer_of_channel]
+        return per_layer.index_select(-1, self.layer_of_channel)
 
     def layer_mean(self, per_channel: Tensor) -> Tensor:
         """``(..., C) -> (..., L)``: the mean over each layer's channels."""
@@ -153,60 +154,85 @@ class Report:
         return self.layout.names
 
 
-def _check_values(values: np.ndarray, layout: Layout, what: str) -> None:
-    """Refuse non-finite, huge, or (for variances) negative values, naming the layer."""
+_BLOCKS = ("mean", "var", "running_mean", "running_var")
+"""The per-channel blocks of a report, in the row order of :class:`_Layers` ``values``."""
+
+
+def _check_layers(names: Sequence[str], channels: Sequence[int], counts: Sequence[float],
+                  known: Mapping[str, int]) -> None:  # fmt: skip
+    """Refuse bad layer names, channel counts that are out of range or changed since
+    the layer's first report, and counts that are negative or not finite."""
+    usual = tuple(known) == tuple(names) and tuple(known.values()) == tuple(channels)
+    if not usual:  # the run's layers exactly were checked when they first came
+        _check_new_layers(names, channels, known)
+    values = np.asarray(counts, dtype=np.float64)
+    bad = ~((values >= 0) & (values <= MAX_MAGNITUDE))  # NaN compares false
+    if bad.any():
+        name = names[int(np.argmax(bad))]
+        raise InvalidReport("negative", f"layer {name!r}: count must be finite and >= 0")
+
+
+def _check_new_layers(names: Sequence[str], channels: Sequence[int], known: Mapping[str, int]) -> None:
+    if len(set(names)) != len(names) or not all(0 < len(n) <= 2 * MAX_ID_LENGTH for n in names):
+        seen: set[str] = set()
+        for name in names:  # name the first offender
+            if not 0 < len(name) <= 2 * MAX_ID_LENGTH or name in seen:
+                raise InvalidReport("bad_layer_name", f"layer names must be unique and non-empty: {name!r}")
+            seen.add(name)
+    sizes = np.asarray(channels, dtype=np.int64)
+    bad = (sizes <= 0) | (sizes > MAX_CHANNELS)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidReport(
+            "bad_shape", f"layer {names[i]!r}: needs 1..{MAX_CHANNELS} channels, got {channels[i]}"
+        )
+    for name, c in zip(names, channels, strict=True):
+        expected = known.get(name)
+        if expected is not None and expected != c:
+            raise InvalidReport("shape_changed", f"layer {name!r} had {expected} channels, now {c}")
+
+
+def _check_values(values: np.ndarray, layout: Layout) -> None:
+    """Refuse non-finite, huge, or (for variances) negative values, naming the block
+    and the layer.  ``values``: ``(4, C)``, the rows in ``_BLOCKS`` order."""
+    if values.size:
+        highest, lowest = values.max(axis=1), values.min(axis=1)  # NaN propagates into both
+        if (highest <= MAX_MAGNITUDE).all() and (lowest >= -MAX_MAGNITUDE).all() and min(lowest[[1, 3]]) >= 0:
+            return  # the common case: one pass, nothing to report
 
     def layer(bad: np.ndarray) -> str:
         return layout.names[int(layout.layer_of_channel[int(np.argmax(bad))])]
 
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise InvalidReport("not_finite", f"layer {layer(bad)!r}: {what} has NaN or infinite values")
-    bad = np.abs(values) > MAX_MAGNITUDE
-    if bad.any():
-        raise InvalidReport("too_large", f"layer {layer(bad)!r}: {what} has values beyond {MAX_MAGNITUDE:g}")
-    if what.endswith("var"):
-        bad = values < 0
+    for what, row in zip(_BLOCKS, values, strict=True):
+        bad = ~np.isfinite(row)
         if bad.any():
-            raise InvalidReport("negative", f"layer {layer(bad)!r}: {what} must be >= 0")
-
-
-_BLOCKS = ("mean", "var", "running_mean", "running_var")
+            raise InvalidReport("not_finite", f"layer {layer(bad)!r}: {what} has NaN or infinite values")
+        bad = np.abs(row) > MAX_MAGNITUDE
+        if bad.any():
+            raise InvalidReport(
+                "too_large", f"layer {layer(bad)!r}: {what} has values beyond {MAX_MAGNITUDE:g}"
+            )
+        if what.endswith("var"):
+            bad = row < 0
+            if bad.any():
+                raise InvalidReport("negative", f"layer {layer(bad)!r}: {what} must be >= 0")
 
 
 @dataclass
 class _Layers:
-    """A report's layers before the value checks: per layer name, channels, count and
-    whether it sent running buffers; per block the flat values (zeros where none)."""
+    """A report's layers before the value checks: per layer its name, channels,
+    count and whether it sent running buffers; ``values`` ``(4, C)`` holds the
+    blocks of ``_BLOCKS`` side by side (zeros where a layer sent no running buffers)."""
 
-    names: list[str] = field(default_factory=list)
-    channels: list[int] = field(default_factory=list)
-    counts: list[float] = field(default_factory=list)
-    sent_running: list[bool] = field(default_factory=list)
-    blocks: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def add(self, name: str, channels: int, count: float, known: Mapping[str, int]) -> None:
-        """Check one layer's name, channel count and count, and append them."""
-        if not name or len(name) > MAX_ID_LENGTH * 2 or name in self.names:
-            raise InvalidReport("bad_layer_name", f"layer names must be unique and non-empty: {name!r}")
-        if not 0 < channels <= MAX_CHANNELS:
-            raise InvalidReport(
-                "bad_shape", f"layer {name!r}: needs 1..{MAX_CHANNELS} channels, got {channels}"
-            )
-        expected = known.get(name)
-        if expected is not None and expected != channels:
-            raise InvalidReport("shape_changed", f"layer {name!r} had {expected} channels, now {channels}")
-        if not math.isfinite(count) or not 0 <= count <= MAX_MAGNITUDE:
-            raise InvalidReport("negative", f"layer {name!r}: count must be finite and >= 0")
-        self.names.append(name)
-        self.channels.append(channels)
-        self.counts.append(count)
+    names: list[str]
+    channels: list[int]
+    counts: list[float]
+    sent_running: np.ndarray
+    values: np.ndarray
 
 
 def _from_layer_messages(layers: Sequence[Any], known: Mapping[str, int]) -> _Layers:
-    out = _Layers()
-    # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
-    vectors: dict[str, list[np.ndarray]] = {k: [] for k in _BLOCKS}
+    names, channels, counts, sent_running = [], [], [], []
     for layer in layers:
         c = len(layer.mean)
         if len(layer.var) != c:
@@ -217,39 +243,51 @@ def _from_layer_messages(layers: Sequence[Any], known: Mapping[str, int]) -> _La
                 "bad_shape",
                 f"layer {layer.layer!r}: running_mean and running_var must both be empty or have {c} values",
             )
-        out.add(layer.layer, c, layer.count, known)
-        out.sent_running.append(bool(has_running))
-        for block in _BLOCKS:
-            values = getattr(layer, block)
-            vectors[block].append(np.array(values, dtype=np.float64) if len(values) else np.zeros(c))
-    out.blocks = {k: np.concatenate(v) if v else np.zeros(0) for k, v in vectors.items()}
-    return out
+        names.append(layer.layer)
+        channels.append(c)
+        counts.append(layer.count)
+        sent_running.append(bool(has_running))
+    _check_layers(names, channels, counts, known)
+    values = np.zeros((len(_BLOCKS), sum(channels)))
+    start = 0
+    for layer, c, has_running in zip(layers, channels, sent_running, strict=True):
+        for row, block in enumerate(_BLOCKS if has_running else _BLOCKS[:2]):
+            # numpy reads protobuf's repeated doubles ~30x faster than a Python list does
+            values[row, start : start + c] = np.array(getattr(layer, block), dtype=np.float64)
+        start += c
+    return _Layers(names, channels, counts, np.array(sent_running, dtype=bool), values)
+
+
+_PACKED_VALUE_TYPES = {0: np.dtype("<f8"), 1: np.dtype("<f4")}
+"""``PackedLayerStats.ValueType`` -> how its blocks read."""
 
 
 def _from_packed(packed: Any, known: Mapping[str, int]) -> _Layers:
-    names, channels, counts = packed.layer, packed.channels, packed.count
+    names, channels, counts = list(packed.layer), list(packed.channels), list(packed.count)
     if not len(names) == len(channels) == len(counts):
         raise InvalidReport(
             "bad_shape",
             f"packed: {len(names)} layer names, {len(channels)} channel counts, {len(counts)} counts",
         )
-    out = _Layers()
-    for name, c, count in zip(names, channels, counts, strict=True):
-        out.add(name, c, count, known)
-    size = 8 * sum(out.channels)
+    value_type = _PACKED_VALUE_TYPES.get(packed.value_type)
+    if value_type is None:
+        raise InvalidReport(
+            "bad_shape", f"packed value_type {packed.value_type} is not float64 (0) or float32 (1)"
+        )
+    _check_layers(names, channels, counts, known)
+    size = sum(channels)
     has_running = len(packed.running_mean) > 0
-    for block in _BLOCKS:
+    values = np.empty((len(_BLOCKS), size))
+    for row, block in enumerate(_BLOCKS):
         raw = getattr(packed, block)
-        wanted = size if has_running or not block.startswith("running") else 0
+        wanted = value_type.itemsize * size if has_running or not block.startswith("running") else 0
         if len(raw) != wanted:
             raise InvalidReport(
-                "bad_shape", f"packed {block}: {len(raw)} bytes, expected {wanted} (8 per channel)"
+                "bad_shape",
+                f"packed {block}: {len(raw)} bytes, expected {wanted} ({value_type.itemsize} per channel)",
             )
-        out.blocks[block] = (
-            np.frombuffer(raw, dtype="<f8").astype(np.float64) if wanted else np.zeros(size // 8)
-        )
-    out.sent_running = [has_running] * len(out.names)
-    return out
+        values[row] = np.frombuffer(raw, dtype=value_type) if wanted else 0.0
+    return _Layers(names, channels, counts, np.full(len(names), has_running), values)
 
 
 def parse_report(message: object, known_channels: Mapping[str, int] | None = None) -> Report:
@@ -278,15 +316,13 @@ def parse_report(message: object, known_channels: Mapping[str, int] | None = Non
     known = known_channels or {}
     layers = _from_packed(m.packed, known) if packed else _from_layer_messages(m.layers, known)
     layout = Layout(tuple(layers.names), tuple(layers.channels))
-    for block, values in layers.blocks.items():
-        _check_values(values, layout, block)
-    without_running = np.repeat(~np.array(layers.sent_running, dtype=bool), layers.channels)
-    for block in ("running_mean", "running_var"):
-        layers.blocks[block][without_running] = np.nan
-    tensors = {k: torch.from_numpy(v) for k, v in layers.blocks.items()}
+    _check_values(layers.values, layout)
+    if not layers.sent_running.all():
+        layers.values[2:, np.repeat(~layers.sent_running, layers.channels)] = np.nan
+    mean, var, running_mean, running_var = torch.from_numpy(layers.values).unbind()
     return Report(m.run_id, m.worker_id, int(m.step), m.device_kind, int(m.batch_size),
                   float(m.step_time_seconds), layout, torch.tensor(layers.counts, dtype=torch.float64),
-                  **tensors)  # fmt: skip
+                  mean, var, running_mean, running_var)  # fmt: skip
 
 
 @dataclass
@@ -369,6 +405,48 @@ def _nanmax(values: Tensor) -> float:
     return float(values.max()) if values.numel() else 0.0
 
 
+OPEN_STEPS = 4
+"""Reported steps whose merged reports wait before they enter the cumulative
+estimate and the EMA, so that a worker's report that arrives after another
+worker's report of a later step still joins its own step.  A report of an older
+step reaches the cumulative estimate and the per-worker metrics, not the EMA.
+Reads see the open steps as if they had been taken in."""
+
+
+@dataclass
+class Estimates:
+    """A run's global statistics over every report, per layer that had values.
+
+    Args:
+        cumulative: every accepted report merged exactly (count-weighted).
+        ema: ``(mean, unbiased variance)``, the EMA of each reported step's
+            global batch statistics (the step's reports merged), taken in step
+            order as ``torch.nn.BatchNorm`` takes batches; the first step starts it.
+    """
+
+    cumulative: dict[str, Moments] = field(default_factory=dict)
+    ema: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _ema_step(
+    ema: tuple[Tensor, Tensor, Tensor], step: Moments, momentum: float, layout: Layout
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, unbiased var, started (L,))`` after one step's merged moments: in the
+    layers the step has values for, both move by ``momentum`` towards the step's
+    mean and unbiased variance (BatchNorm's rule); a layer's first step starts it."""
+    mean, var, started = ema
+    with_values = layout.at_layer_starts(step.count) > 0  # (L,)
+    if bool(with_values.all()) and bool(started.all()):  # the steady state
+        return (analysis.ema_update(mean, step.mean, momentum),
+                analysis.ema_update(var, step.unbiased_var, momentum), started)  # fmt: skip
+    update, first = layout.per_channel(with_values), layout.per_channel(~started)
+
+    def move(old: Tensor, new: Tensor) -> Tensor:
+        return torch.where(update, torch.where(first, new, analysis.ema_update(old, new, momentum)), old)
+
+    return move(mean, step.mean), move(var, step.unbiased_var), started | with_values
+
+
 @dataclass
 class RunState:
     """One run: its workers' latest reports and its global statistics.
@@ -390,46 +468,75 @@ class RunState:
     ema_mean: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     ema_var: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     ema_started: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    open_steps: dict[int, Moments] = field(default_factory=dict)
+    """The newest reported steps (at most ``OPEN_STEPS``), each its reports merged,
+    not yet in ``cumulative_moments`` and the EMA."""
+    folded_through: int = -1
+    """The newest step in ``cumulative_moments`` and the EMA."""
 
     def channels(self) -> Mapping[str, int]:
         return self.layout.channel_counts
 
-    def apply(self, report: Report, now: float | None = None) -> None:
-        """Take a validated report (see :func:`parse_report`)."""
+    def apply(self, report: Report, now: float | None = None) -> bool:
+        """Take a validated report (see :func:`parse_report`).  Returns whether
+        ``cumulative_moments`` and the EMA changed (a step left the open steps, or the
+        report's step had); otherwise only the report's open step did."""
         now = time.time() if now is None else now
-        self._grow(report.layout)
+        self.grow(report.layout)
         record = WorkerRecord.place(report, now, self.layout)
         self.workers[report.worker_id] = record
         self.reports += 1
+        self.latest_step = max(self.latest_step, report.step)
         count = self.layout.per_channel(record.count)
         batch = Moments(count, record.mean, record.var * count)
-        self.cumulative_moments = merge_pair(self.cumulative_moments, batch)
-        if report.step > self.latest_step:
-            self.latest_step = report.step
-            merged, reported = self._merge_live(now)
-            with_values = reported & (self.layout.at_layer_starts(merged.count) > 0)  # (L,)
-            update = self.layout.per_channel(with_values)
-            first = self.layout.per_channel(~self.ema_started)
-            for name, value in (("ema_mean", merged.mean), ("ema_var", merged.unbiased_var)):
-                previous = getattr(self, name)
-                moved = torch.where(first, value, analysis.ema_update(previous, value, self.momentum))
-                setattr(self, name, torch.where(update, moved, previous))
-            self.ema_started = self.ema_started | with_values
+        if report.step <= self.folded_through:  # its step left the open steps: not in the EMA
+            merge_into(self.cumulative_moments, batch)
+            return True
+        step = self.open_steps.get(report.step)
+        if step is None:
+            self.open_steps[report.step] = Moments(count, record.mean.clone(), batch.m2)
+        else:
+            merge_into(step, batch)
+        folded = len(self.open_steps) > OPEN_STEPS
+        while len(self.open_steps) > OPEN_STEPS:
+            oldest = min(self.open_steps)
+            self.cumulative_moments, ema = self._folded(oldest)
+            self.ema_mean, self.ema_var, self.ema_started = ema
+            del self.open_steps[oldest]
+            self.folded_through = oldest
+        return folded
+
+    def _folded(self, through: float) -> tuple[Moments, tuple[Tensor, Tensor, Tensor]]:
+        """The cumulative moments and the EMA ``(mean, var, started)`` with the open
+        steps up to ``through`` taken in, in step order; the state is left as it is."""
+        c = self.cumulative_moments
+        cumulative = Moments(c.count.clone(), c.mean.clone(), c.m2.clone())
+        ema = (self.ema_mean, self.ema_var, self.ema_started)
+        for step in sorted(s for s in self.open_steps if s <= through):
+            merge_into(cumulative, self.open_steps[step])
+            ema = _ema_step(ema, self.open_steps[step], self.momentum, self.layout)
+        return cumulative, ema
+
+    def estimates(self) -> Estimates:
+        """The run's global statistics over every report so far (open steps included)."""
+        cumulative, (mean, var, started) = self._folded(math.inf)
+        estimates = Estimates()
+        for i, name in enumerate(self.layout.names):
+            part = self.layout.slice(name)
+            if float(cumulative.count[part.start]) > 0:
+                estimates.cumulative[name] = Moments(cumulative.count[part.start], cumulative.mean[part],
+                                                     cumulative.m2[part])  # fmt: skip
+            if bool(started[i]):
+                estimates.ema[name] = (mean[part], var[part])
+        return estimates
 
     def cumulative(self, layer: str) -> Moments | None:
-        """Every accepted report of ``layer`` merged; None before any values arrived."""
-        part = self.layout.slice(layer)
-        count = self.cumulative_moments.count[part.start]
-        if float(count) == 0:
-            return None
-        return Moments(count, self.cumulative_moments.mean[part], self.cumulative_moments.m2[part])
+        """:attr:`Estimates.cumulative` of one layer; None before it had values."""
+        return self.estimates().cumulative.get(layer)
 
     def ema(self, layer: str) -> tuple[Tensor, Tensor] | None:
-        """The EMA of ``layer``'s merged (mean, unbiased variance); None before it starts."""
-        if not bool(self.ema_started[self.layout.index[layer]]):
-            return None
-        part = self.layout.slice(layer)
-        return self.ema_mean[part], self.ema_var[part]
+        """:attr:`Estimates.ema` of one layer; None before it had values."""
+        return self.estimates().ema.get(layer)
 
     def live(self, now: float | None = None) -> dict[str, WorkerRecord]:
         now = time.time() if now is None else now
@@ -511,7 +618,8 @@ class RunState:
         enough = has.sum(0) >= 2
         return _nanmax(torch.where(has & enough, spread, math.nan))
 
-    def _grow(self, layout: Layout) -> None:
+    def grow(self, layout: Layout) -> None:
+        """Make room for ``layout``'s layers this run has not seen (appended, with no values)."""
         grown = self.layout.extended(layout)
         if grown is self.layout:
             return
@@ -527,6 +635,10 @@ class RunState:
         )
         self.ema_mean, self.ema_var = pad(self.ema_mean, extra, 0.0), pad(self.ema_var, extra, 0.0)
         self.ema_started = pad(self.ema_started, new_layers, False)
+        self.open_steps = {
+            step: Moments(pad(m.count, extra, 0.0), pad(m.mean, extra, 0.0), pad(m.m2, extra, 0.0))
+            for step, m in self.open_steps.items()
+        }
         for r in self.workers.values():
             r.present, r.count = pad(r.present, new_layers, False), pad(r.count, new_layers, 0.0)
             r.mean, r.var = pad(r.mean, extra, 0.0), pad(r.var, extra, 0.0)

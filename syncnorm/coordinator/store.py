@@ -1,8 +1,9 @@
 """Durable coordinator state: one SQLite database (WAL) in ``--state-dir``.
 
 The database holds the state itself, not a log: per run its counters, its
-layer layout, cumulative moments and EMAs (flat per-channel arrays), per worker
-the latest report, and the rejection counts.  Every accepted report is one transaction, committed before
+layer layout, cumulative moments and EMAs (flat per-channel arrays) and the
+merged moments of its open steps, per worker the latest report, and the
+rejection counts.  Every accepted report is one transaction, committed before
 the worker is answered, so a report that was acknowledged survives a crash
 (WAL survives process death with ``synchronous=NORMAL``), and the database
 stays the size of the state however long a run is.
@@ -23,12 +24,15 @@ from syncnorm.coordinator.state import Layout, RunState, WorkerRecord, parse_rep
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.moments import Moments
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, reports INTEGER, latest_step INTEGER, layout TEXT,
-    cumulative_count BLOB, cumulative_mean BLOB, cumulative_m2 BLOB,
+    run_id TEXT PRIMARY KEY, reports INTEGER, latest_step INTEGER, layout TEXT, folded_through INTEGER);
+CREATE TABLE IF NOT EXISTS estimates (
+    run_id TEXT PRIMARY KEY, cumulative_count BLOB, cumulative_mean BLOB, cumulative_m2 BLOB,
     ema_mean BLOB, ema_var BLOB, ema_started BLOB);
+CREATE TABLE IF NOT EXISTS open_steps (
+    run_id TEXT, step INTEGER, count BLOB, mean BLOB, m2 BLOB, PRIMARY KEY (run_id, step));
 CREATE TABLE IF NOT EXISTS workers (
     run_id TEXT, worker_id TEXT, last_seen REAL, report BLOB, PRIMARY KEY (run_id, worker_id));
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER);
@@ -39,8 +43,12 @@ def _blob(t: Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def _tensor(b: bytes, dtype: type = np.float64) -> Tensor:
-    return torch.from_numpy(np.frombuffer(b, dtype=dtype).copy())
+def _tensor(b: bytes, dtype: type = np.float64, size: int | None = None) -> Tensor:
+    """The array in ``b``; zero-padded to ``size`` values if given."""
+    values = np.frombuffer(b, dtype=dtype)
+    out = np.zeros(size if size is not None else len(values), dtype=dtype)
+    out[: len(values)] = values
+    return torch.from_numpy(out)
 
 
 class StateStore:
@@ -64,21 +72,39 @@ class StateStore:
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def save_report(self, run: RunState, worker_id: str, message: pb.ReportRequest) -> None:
-        """Persist what one accepted report changed in ``run`` (one transaction)."""
+    def save_report(
+        self, run: RunState, worker_id: str, message: pb.ReportRequest, estimates_changed: bool = True
+    ) -> None:
+        """Persist what one accepted report changed in ``run`` (one transaction):
+        the run's counters, the worker's report, the open step it joined, and the
+        cumulative moments and EMA if ``estimates_changed`` (see ``RunState.apply``)."""
         record = run.workers[worker_id]
-        c = run.cumulative_moments
         layout = json.dumps([run.layout.names, run.layout.channels])
+        step = run.open_steps.get(message.step)
         with self._transaction():
             self._db.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.run_id, run.reports, run.latest_step, layout, _blob(c.count), _blob(c.mean),
-                 _blob(c.m2), _blob(run.ema_mean), _blob(run.ema_var), _blob(run.ema_started)),
-            )  # fmt: skip
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
+                (run.run_id, run.reports, run.latest_step, layout, run.folded_through),
+            )
             self._db.execute(
                 "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
                 (run.run_id, worker_id, record.last_seen, message.SerializeToString()),
             )
+            if step is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO open_steps VALUES (?, ?, ?, ?, ?)",
+                    (run.run_id, message.step, _blob(step.count), _blob(step.mean), _blob(step.m2)),
+                )
+            if estimates_changed:
+                c = run.cumulative_moments
+                self._db.execute(
+                    "INSERT OR REPLACE INTO estimates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (run.run_id, _blob(c.count), _blob(c.mean), _blob(c.m2), _blob(run.ema_mean),
+                     _blob(run.ema_var), _blob(run.ema_started)),
+                )  # fmt: skip
+                self._db.execute(
+                    "DELETE FROM open_steps WHERE run_id = ? AND step <= ?", (run.run_id, run.folded_through)
+                )
 
     def save_rejection(self, reason: str) -> None:
         with self._transaction():
@@ -89,15 +115,22 @@ class StateStore:
 
     def load(self, momentum: float, stale_after_s: float) -> tuple[dict[str, RunState], Counter[str]]:
         runs: dict[str, RunState] = {}
-        for row in self._db.execute("SELECT * FROM runs"):
-            run_id, reports, latest_step, layout, count, mean, m2, ema_mean, ema_var, started = row
+        for run_id, reports, latest_step, layout, folded in self._db.execute("SELECT * FROM runs"):
             names, channels = json.loads(layout)
-            runs[run_id] = RunState(
-                run_id, momentum, stale_after_s, reports=reports, latest_step=latest_step,
-                layout=Layout(tuple(names), tuple(channels)),
-                cumulative_moments=Moments(_tensor(count), _tensor(mean), _tensor(m2)),
-                ema_mean=_tensor(ema_mean), ema_var=_tensor(ema_var), ema_started=_tensor(started, np.bool_),
-            )  # fmt: skip
+            runs[run_id] = RunState(run_id, momentum, stale_after_s, reports=reports, latest_step=latest_step,
+                                    folded_through=folded)  # fmt: skip
+            runs[run_id].grow(Layout(tuple(names), tuple(channels)))  # empty estimates of its size
+        # Estimates and open steps were saved when they last changed: the layout may have grown since.
+        for row in self._db.execute("SELECT * FROM estimates"):
+            run_id, count, mean, m2, ema_mean, ema_var, started = row
+            run = runs[run_id]
+            size, layers = run.layout.size, len(run.layout.names)
+            run.cumulative_moments = Moments(*(_tensor(b, size=size) for b in (count, mean, m2)))
+            run.ema_mean, run.ema_var = _tensor(ema_mean, size=size), _tensor(ema_var, size=size)
+            run.ema_started = _tensor(started, np.bool_, size=layers)
+        for run_id, step, count, mean, m2 in self._db.execute("SELECT * FROM open_steps"):
+            size = runs[run_id].layout.size
+            runs[run_id].open_steps[step] = Moments(*(_tensor(b, size=size) for b in (count, mean, m2)))
         for run_id, worker_id, last_seen, blob in self._db.execute("SELECT * FROM workers"):
             run = runs[run_id]
             report = parse_report(pb.ReportRequest.FromString(blob))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)syncnorm/coordinator/v1/coordinator.proto\x12\x17syncnorm.coordinator.v1\"p\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\x12\x0c\n\x04mean\x18\x03 \x03(\x01\x12\x0b\n\x03var\x18\x04 \x03(\x01\x12\x14\n\x0crunning_mean\x18\x05 \x03(\x01\x12\x13\n\x0brunning_var\x18\x06 \x03(\x01\"\x88\x01\n\x10PackedLayerStats\x12\r\n\x05layer\x18\x01 \x03(\t\x12\x10\n\x08\x63hannels\x18\x02 \x03(\r\x12\r\n\x05\x63ount\x18\x03 \x03(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x0c\x12\x0b\n\x03var\x18\x05 \x01(\x0c\x12\x14\n\x0crunning_mean\x18\x06 \x01(\x0c\x12\x13\n\x0brunning_var\x18\x07 \x01(\x0c\"\xf4\x01\n\rReportRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65vice_kind\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\x12\x19\n\x11step_time_seconds\x18\x06 \x01(\x01\x12\x33\n\x06layers\x18\x07 \x03(\x0b\x32#.syncnorm.coordinator.v1.LayerStats\x12\x39\n\x06packed\x18\x08 \x01(\x0b\x32).syncnorm.coordinator.v1.PackedLayerStats\"*\n\x0eReportResponse\x12\x18\n\x10reports_received\x18\x01 \x01(\x03\"\'\n\x15GetGlobalStatsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x84\x01\n\x10GlobalLayerStats\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\x12\x17\n\x0f\x63umulative_mean\x18\x03 \x03(\x01\x12\x16\n\x0e\x63umulative_var\x18\x04 \x03(\x01\x12\x10\n\x08\x65ma_mean\x18\x05 \x03(\x01\x12\x0f\n\x07\x65ma_var\x18\x06 \x03(\x01\"q\n\x16GetGlobalStatsResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x39\n\x06layers\x18\x02 \x03(\x0b\x32).syncnorm.coordinator.v1.GlobalLayerStats\x12\x0c\n\x04step\x18\x03 \x01(\x03\"$\n\x12ListWorkersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x83\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61tch_share\x18\x05 \x01(\x01\x12\x19\n\x11step_time_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bstats_drift\x18\x07 \x01(\x01\x12\x15\n\rlog_var_ratio\x18\x08 \x01(\x01\x12 \n\x18last_report_unix_seconds\x18\t \x01(\x01\x12\r\n\x05stale\x18\n \x01(\x08\x12\x1e\n\x16recommended_batch_size\x18\x0b \x01(\x03\"\xbb\x01\n\x13ListWorkersResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x34\n\x07workers\x18\x02 \x03(\x0b\x32#.syncnorm.coordinator.v1.WorkerInfo\x12\x19\n\x11global_batch_size\x18\x03 \x01(\x03\x12!\n\x19\x62\x61tch_size_mismatch_ratio\x18\x04 \x01(\x01\x12 \n\x18running_stats_divergence\x18\x05 \x01(\x01\"G\n\x1aRecommendBatchSizesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x19\n\x11global_batch_size\x18\x02 \x01(\x03\"\xc6\x01\n\x1bRecommendBatchSizesResponse\x12Y\n\x0b\x62\x61tch_sizes\x18\x01 \x03(\x0b\x32\x44.syncnorm.coordinator.v1.RecommendBatchSizesResponse.BatchSizesEntry\x12\x19\n\x11global_batch_size\x18\x02 \x01(\x03\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc8\x03\n\x0b\x43oordinator\x12Y\n\x06Report\x12&.syncnorm.coordinator.v1.ReportRequest\x1a\'.syncnorm.coordinator.v1.ReportResponse\x12q\n\x0eGetGlobalStats\x12..syncnorm.coordinator.v1.GetGlobalStatsRequest\x1a/.syncnorm.coordinator.v1.GetGlobalStatsResponse\x12h\n\x0bListWorkers\x12+.syncnorm.coordinator.v1.ListWorkersRequest\x1a,.syncnorm.coordinator.v1.ListWorkersResponse\x12\x80\x01\n\x13RecommendBatchSizes\x12\x33.syncnorm.coordinator.v1.RecommendBatchSizesRequest\x1a\x34.syncnorm.coordinator.v1.RecommendBatchSizesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)syncnorm/coordinator/v1/coordinator.proto\x12\x17syncnorm.coordinator.v1\"p\n\nLayerStats\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\x12\x0c\n\x04mean\x18\x03 \x03(\x01\x12\x0b\n\x03var\x18\x04 \x03(\x01\x12\x14\n\x0crunning_mean\x18\x05 \x03(\x01\x12\x13\n\x0brunning_var\x18\x06 \x03(\x01\"\x8e\x02\n\x10PackedLayerStats\x12\r\n\x05layer\x18\x01 \x03(\t\x12\x10\n\x08\x63hannels\x18\x02 \x03(\r\x12\r\n\x05\x63ount\x18\x03 \x03(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x0c\x12\x0b\n\x03var\x18\x05 \x01(\x0c\x12\x14\n\x0crunning_mean\x18\x06 \x01(\x0c\x12\x13\n\x0brunning_var\x18\x07 \x01(\x0c\x12G\n\nvalue_type\x18\x08 \x01(\x0e\x32\x33.syncnorm.coordinator.v1.PackedLayerStats.ValueType\";\n\tValueType\x12\x16\n\x12VALUE_TYPE_FLOAT64\x10\x00\x12\x16\n\x12VALUE_TYPE_FLOAT32\x10\x01\"\xf4\x01\n\rReportRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x65vice_kind\x18\x04 \x01(\t\x12\x12\n\nbatch_size\x18\x05 \x01(\x03\x12\x19\n\x11step_time_seconds\x18\x06 \x01(\x01\x12\x33\n\x06layers\x18\x07 \x03(\x0b\x32#.syncnorm.coordinator.v1.LayerStats\x12\x39\n\x06packed\x18\x08 \x01(\x0b\x32).syncnorm.coordinator.v1.PackedLayerStats\"*\n\x0eReportResponse\x12\x18\n\x10reports_received\x18\x01 \x01(\x03\"\'\n\x15GetGlobalStatsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x84\x01\n\x10GlobalLayerStats\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\x12\x17\n\x0f\x63umulative_mean\x18\x03 \x03(\x01\x12\x16\n\x0e\x63umulative_var\x18\x04 \x03(\x01\x12\x10\n\x08\x65ma_mean\x18\x05 \x03(\x01\x12\x0f\n\x07\x65ma_var\x18\x06 \x03(\x01\"q\n\x16GetGlobalStatsResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x39\n\x06layers\x18\x02 \x03(\x0b\x32).syncnorm.coordinator.v1.GlobalLayerStats\x12\x0c\n\x04step\x18\x03 \x01(\x03\"$\n\x12ListWorkersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x83\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61tch_share\x18\x05 \x01(\x01\x12\x19\n\x11step_time_seconds\x18\x06 \x01(\x01\x12\x13\n\x0bstats_drift\x18\x07 \x01(\x01\x12\x15\n\rlog_var_ratio\x18\x08 \x01(\x01\x12 \n\x18last_report_unix_seconds\x18\t \x01(\x01\x12\r\n\x05stale\x18\n \x01(\x08\x12\x1e\n\x16recommended_batch_size\x18\x0b \x01(\x03\"\xbb\x01\n\x13ListWorkersResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x34\n\x07workers\x18\x02 \x03(\x0b\x32#.syncnorm.coordinator.v1.WorkerInfo\x12\x19\n\x11global_batch_size\x18\x03 \x01(\x03\x12!\n\x19\x62\x61tch_size_mismatch_ratio\x18\x04 \x01(\x01\x12 \n\x18running_stats_divergence\x18\x05 \x01(\x01\"G\n\x1aRecommendBatchSizesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x19\n\x11global_batch_size\x18\x02 \x01(\x03\"\xc6\x01\n\x1bRecommendBatchSizesResponse\x12Y\n\x0b\x62\x61tch_sizes\x18\x01 \x03(\x0b\x32\x44.syncnorm.coordinator.v1.RecommendBatchSizesResponse.BatchSizesEntry\x12\x19\n\x11global_batch_size\x18\x02 \x01(\x03\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xc8\x03\n\x0b\x43oordinator\x12Y\n\x06Report\x12&.syncnorm.coordinator.v1.ReportRequest\x1a\'.syncnorm.coordinator.v1.ReportResponse\x12q\n\x0eGetGlobalStats\x12..syncnorm.coordinator.v1.GetGlobalStatsRequest\x1a/.syncnorm.coordinator.v1.GetGlobalStatsResponse\x12h\n\x0bListWorkers\x12+.syncnorm.coordinator.v1.ListWorkersRequest\x1a,.syncnorm.coordinator.v1.ListWorkersResponse\x12\x80\x01\n\x13RecommendBatchSizes\x12\x33.syncnorm.coordinator.v1.RecommendBatchSizesRequest\x1a\x34.syncnorm.coordinator.v1.RecommendBatchSizesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERSTATS']._serialized_start=70
   _globals['_LAYERSTATS']._serialized_end=182
   _globals['_PACKEDLAYERSTATS']._serialized_start=185
-  _globals['_PACKEDLAYERSTATS']._serialized_end=321
-  _globals['_REPORTREQUEST']._serialized_start=324
-  _globals['_REPORTREQUEST']._serialized_end=568
-  _globals['_REPORTRESPONSE']._serialized_start=570
-  _globals['_REPORTRESPONSE']._serialized_end=612
-  _globals['_GETGLOBALSTATSREQUEST']._serialized_start=614
-  _globals['_GETGLOBALSTATSREQUEST']._serialized_end=653
-  _globals['_GLOBALLAYERSTATS']._serialized_start=656
-  _globals['_GLOBALLAYERSTATS']._serialized_end=788
-  _globals['_GETGLOBALSTATSRESPONSE']._serialized_start=790
-  _globals['_GETGLOBALSTATSRESPONSE']._serialized_end=903
-  _globals['_LISTWORKERSREQUEST']._serialized_start=905
-  _globals['_LISTWORKERSREQUEST']._serialized_end=941
-  _globals['_WORKERINFO']._serialized_start=944
-  _globals['_WORKERINFO']._serialized_end=1203
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1206
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1393
-  _globals['_RECOMMENDBATCHSIZESREQUEST']._serialized_start=1395
-  _globals['_RECOMMENDBATCHSIZESREQUEST']._serialized_end=1466
-  _globals['_RECOMMENDBATCHSIZESRESPONSE']._serialized_start=1469
-  _globals['_RECOMMENDBATCHSIZESRESPONSE']._serialized_end=1667
-  _globals['_RECOMMENDBATCHSIZESRESPONSE_BATCHSIZESENTRY']._serialized_start=1618
-  _globals['_RECOMMENDBATCHSIZESRESPONSE_BATCHSIZESENTRY']._serialized_end=1667
-  _globals['_COORDINATOR']._serialized_start=1670
-  _globals['_COORDINATOR']._serialized_end=2126
+  _globals['_PACKEDLAYERSTATS']._serialized_end=455
+  _globals['_PACKEDLAYERSTATS_VALUETYPE']._serialized_start=396
+  _globals['_PACKEDLAYERSTATS_VALUETYPE']._serialized_end=455
+  _globals['_REPORTREQUEST']._serialized_start=458
+  _globals['_REPORTREQUEST']._serialized_end=702
+  _globals['_REPORTRESPONSE']._serialized_start=704
+  _globals['_REPORTRESPONSE']._serialized_end=746
+  _globals['_GETGLOBALSTATSREQUEST']._serialized_start=748
+  _globals['_GETGLOBALSTATSREQUEST']._serialized_end=787
+  _globals['_GLOBALLAYERSTATS']._serialized_start=790
+  _globals['_GLOBALLAYERSTATS']._serialized_end=922
+  _globals['_GETGLOBALSTATSRESPONSE']._serialized_start=924
+  _globals['_GETGLOBALSTATSRESPONSE']._serialized_end=1037
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1039
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1075
+  _globals['_WORKERINFO']._serialized_start=1078
+  _globals['_WORKERINFO']._serialized_end=1337
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1340
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1527
+  _globals['_RECOMMENDBATCHSIZESREQUEST']._serialized_start=1529
+  _globals['_RECOMMENDBATCHSIZESREQUEST']._serialized_end=1600
+  _globals['_RECOMMENDBATCHSIZESRESPONSE']._serialized_start=1603
+  _globals['_RECOMMENDBATCHSIZESRESPONSE']._serialized_end=1801
+  _globals['_RECOMMENDBATCHSIZESRESPONSE_BATCHSIZESENTRY']._serialized_start=1752
+  _globals['_RECOMMENDBATCHSIZESRESPONSE_BATCHSIZESENTRY']._serialized_end=1801
+  _globals['_COORDINATOR']._serialized_start=1804
+  _globals['_COORDINATOR']._serialized_end=2260
 # @@protoc_insertion_point(module_scope)

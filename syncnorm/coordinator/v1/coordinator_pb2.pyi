@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -23,7 +24,13 @@ class LayerStats(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., count: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., var: _Optional[_Iterable[float]] = ..., running_mean: _Optional[_Iterable[float]] = ..., running_var: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PackedLayerStats(_message.Message):
-    __slots__ = ("layer", "channels", "count", "mean", "var", "running_mean", "running_var")
+    __slots__ = ("layer", "channels", "count", "mean", "var", "running_mean", "running_var", "value_type")
+    class ValueType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VALUE_TYPE_FLOAT64: _ClassVar[PackedLayerStats.ValueType]
+        VALUE_TYPE_FLOAT32: _ClassVar[PackedLayerStats.ValueType]
+    VALUE_TYPE_FLOAT64: PackedLayerStats.ValueType
+    VALUE_TYPE_FLOAT32: PackedLayerStats.ValueType
     LAYER_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +38,7 @@ class PackedLayerStats(_message.Message):
     VAR_FIELD_NUMBER: _ClassVar[int]
     RUNNING_MEAN_FIELD_NUMBER: _ClassVar[int]
     RUNNING_VAR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
     layer: _containers.RepeatedScalarFieldContainer[str]
     channels: _containers.RepeatedScalarFieldContainer[int]
     count: _containers.RepeatedScalarFieldContainer[float]
@@ -38,7 +46,8 @@ class PackedLayerStats(_message.Message):
     var: bytes
     running_mean: bytes
     running_var: bytes
-    def __init__(self, layer: _Optional[_Iterable[str]] = ..., channels: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[float]] = ..., mean: _Optional[bytes] = ..., var: _Optional[bytes] = ..., running_mean: _Optional[bytes] = ..., running_var: _Optional[bytes] = ...) -> None: ...
+    value_type: PackedLayerStats.ValueType
+    def __init__(self, layer: _Optional[_Iterable[str]] = ..., channels: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[float]] = ..., mean: _Optional[bytes] = ..., var: _Optional[bytes] = ..., running_mean: _Optional[bytes] = ..., running_var: _Optional[bytes] = ..., value_type: _Optional[_Union[PackedLayerStats.ValueType, str]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("run_id", "worker_id", "step", "device_kind", "batch_size", "step_time_seconds", "layers", "packed")
