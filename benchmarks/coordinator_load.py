@@ -2,13 +2,14 @@
 
 A ResNet-50 has 53 batch norm layers with 26,560 channels in all; each report
 carries, per layer, the local mean and variance and the running mean and
-variance (about 850 KB of float64).  The coordinator runs in its own process
+variance (about 850 KB in float64, 425 KB in float32).  The coordinator runs in its own process
 pinned to one core (``taskset -c 0``); the simulated workers run here, on the
 other cores, each sending reports back to back for a fixed time.  Prints
 reports/s and the p50/p99 latency of the Report call, for the coordinator and,
 side by side, for a bare gRPC server of the same service whose Report does
-nothing (the cost of moving the bytes, which no coordinator code can go below),
-with the layers sent as ``LayerStats`` messages and as one ``PackedLayerStats``.
+nothing (the cost of moving the bytes, which no coordinator code can go below)
+and for the coordinator with ``--state-dir`` (every report committed to SQLite
+before it is answered), with the layers sent in each of the ``ENCODINGS``.
 
     python -m benchmarks.coordinator_load [--workers 4] [--seconds 10]
 """
@@ -21,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
@@ -43,13 +45,18 @@ def resnet50_bn_channels() -> list[int]:
     return channels
 
 
+ENCODINGS = {"layer messages": None, "packed float64": "<f8", "packed float32": "<f4"}
+"""How a report carries its layers: one ``LayerStats`` each (float64), or one
+``PackedLayerStats`` of float64 or float32 blocks (what ``StatsReporter`` sends
+for a model trained in float64, or in fp32/fp16/bf16)."""
+
+
 def make_report(
-    worker: int, step: int, channels: list[int], rng: np.random.Generator, packed: bool = True
+    worker: int, step: int, channels: list[int], rng: np.random.Generator, encoding: str = "packed float32"
 ) -> pb.ReportRequest:
-    """A report of random statistics, with its layers packed (as ``StatsReporter``
-    sends them) or as one ``LayerStats`` message each.  Built with numpy alone: the
-    load generator runs no torch operations, whose thread pool would compete with
-    gRPC's threads for the cores."""
+    """A report of random statistics in one of the ``ENCODINGS``.  Built with numpy
+    alone: the load generator runs no torch operations, whose thread pool would
+    compete with gRPC's threads for the cores."""
     names = [f"bn{index}" for index in range(len(channels))]
     blocks = {
         "mean": [rng.normal(size=c) for c in channels],
@@ -60,10 +67,12 @@ def make_report(
     report = pb.ReportRequest(run_id="load", worker_id=f"w{worker}", step=step, device_kind="cuda",
                               batch_size=32, step_time_seconds=0.2)  # fmt: skip
     count = 32.0 * 7 * 7
-    if packed:
+    dtype = ENCODINGS[encoding]
+    if dtype is not None:
+        value_type = pb.PackedLayerStats.VALUE_TYPE_FLOAT32 if dtype == "<f4" else 0  # 0: FLOAT64
         report.packed.CopyFrom(pb.PackedLayerStats(
-            layer=names, channels=channels, count=[count] * len(channels),
-            **{k: np.concatenate(v).astype("<f8").tobytes() for k, v in blocks.items()},
+            layer=names, channels=channels, count=[count] * len(channels), value_type=value_type,
+            **{k: np.concatenate(v).astype(dtype).tobytes() for k, v in blocks.items()},
         ))  # fmt: skip
         return report
     for index, name in enumerate(names):
@@ -74,21 +83,26 @@ def make_report(
 
 
 def _worker(
-    address: str, index: int, seconds: float, packed: bool, latencies: list[float], lock: threading.Lock
+    address: str, index: int, seconds: float, encoding: str, latencies: list[float], lock: threading.Lock
 ) -> None:
     rng = np.random.default_rng(index)
     channels = resnet50_bn_channels()
-    reports = [make_report(index, step, channels, rng, packed) for step in range(4)]  # built once, reused
+    # Serialized once: the load generator's own protobuf work (0.7 ms per packed
+    # report) would otherwise share the client core with gRPC and cap the rate it
+    # can offer.  A message followed by another sets the latter's fields, so each
+    # call appends only its step.
+    bodies = [make_report(index, 0, channels, rng, encoding).SerializeToString() for _ in range(4)]
     mine = []
     with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 16 << 20)]) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+        report = channel.unary_unary(
+            "/syncnorm.coordinator.v1.Coordinator/Report", response_deserializer=pb.ReportResponse.FromString
+        )
         deadline = time.perf_counter() + seconds
         step = 0
         while time.perf_counter() < deadline:
-            report = reports[step % len(reports)]
-            report.step = step
+            request = bodies[step % len(bodies)] + pb.ReportRequest(step=step).SerializeToString()
             started = time.perf_counter()
-            stub.Report(report, timeout=30)
+            report(request, timeout=30)
             mine.append(time.perf_counter() - started)
             step += 1
     with lock:
@@ -111,7 +125,7 @@ def serve_bare() -> None:
     server.wait_for_termination()
 
 
-def measure(server_command: list[str], workers: int, seconds: float, packed: bool = True) -> list[float]:
+def measure(server_command: list[str], workers: int, seconds: float, encoding: str) -> list[float]:
     """Start a server pinned to core 0, load it from ``workers`` threads; the latencies."""
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     server = subprocess.Popen([*pin, *server_command], stdout=subprocess.PIPE, text=True)
@@ -122,7 +136,7 @@ def measure(server_command: list[str], workers: int, seconds: float, packed: boo
         latencies: list[float] = []
         lock = threading.Lock()
         threads = [
-            threading.Thread(target=_worker, args=(address, w, seconds, packed, latencies, lock))
+            threading.Thread(target=_worker, args=(address, w, seconds, encoding, latencies, lock))
             for w in range(workers)
         ]
         for t in threads:
@@ -158,17 +172,21 @@ def main() -> None:
                    "--metrics-port", "0", "--stale-after", "3600"]  # fmt: skip
     bare = [sys.executable, "-m", "benchmarks.coordinator_load", "--serve-bare"]
     channels = resnet50_bn_channels()
-    size = make_report(0, 0, channels, np.random.default_rng(0)).ByteSize()
+    sizes = {e: make_report(0, 0, channels, np.random.default_rng(0), e).ByteSize() for e in ENCODINGS}
     print(
-        f"{args.workers} workers, ResNet-50-sized reports ({len(channels)} layers, {sum(channels)} channels, "
-        f"{size / 1e3:.0f} kB), server pinned to one core{'' if shutil.which('taskset') else ' (unpinned)'}:"
+        f"{args.workers} workers, ResNet-50-sized reports ({len(channels)} layers, {sum(channels)} channels; "
+        + ", ".join(f"{e} {size / 1e3:.0f} kB" for e, size in sizes.items())
+        + f"), server pinned to one core{'' if shutil.which('taskset') else ' (unpinned)'}:"
     )
     rates = {}
-    for encoding, packed in (("layer messages", False), ("packed", True)):
-        for server, command in (("bare gRPC", bare), ("coordinator", coordinator)):
-            latencies = measure(command, args.workers, args.seconds, packed)
-            rates[server, encoding] = len(latencies) / args.seconds
-            print(f"  {server + ', ' + encoding:<29}{_summary(latencies, args.seconds)}", flush=True)
+    for encoding in ENCODINGS:
+        with tempfile.TemporaryDirectory() as state_dir:
+            servers = (("bare gRPC", bare), ("coordinator", coordinator),
+                       ("coordinator --state-dir", [*coordinator, "--state-dir", state_dir]))  # fmt: skip
+            for server, command in servers:
+                latencies = measure(command, args.workers, args.seconds, encoding)
+                rates[server, encoding] = len(latencies) / args.seconds
+                print(f"  {server + ', ' + encoding:<41}{_summary(latencies, args.seconds)}", flush=True)
         ratio = rates["coordinator", encoding] / rates["bare gRPC", encoding]
         print(f"  coordinator / bare gRPC throughput, {encoding}: {ratio:.2f}")
 

@@ -113,12 +113,10 @@ def test_coordinator_load_benchmark_reports_rate_and_latency() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "53 layers, 26560 channels" in result.stdout
-    for server in ("bare gRPC, layer messages", "coordinator, layer messages", "bare gRPC, packed",
-                   "coordinator, packed"):  # fmt: skip
-        assert re.search(server + r" +\d+ reports/s, p50 +[\d.]+ ms, p99 +[\d.]+ ms", result.stdout), (
-            result.stdout
-        )
-    for encoding in ("layer messages", "packed"):
+    for encoding in ("layer messages", "packed float64", "packed float32"):
+        for server in ("bare gRPC", "coordinator", "coordinator --state-dir"):
+            row = rf"{server}, {encoding} +\d+ reports/s, p50 +[\d.]+ ms, p99 +[\d.]+ ms"
+            assert re.search(row, result.stdout), result.stdout
         assert re.search(rf"bare gRPC throughput, {encoding}: [\d.]+", result.stdout), result.stdout
 
 

@@ -482,21 +482,13 @@ class RunState:
         ``cumulative_moments`` and the EMA changed (a step left the open steps, or the
         report's step had); otherwise only the report's open step did."""
         now = time.time() if now is None else now
-        self.grow(report.layout)
-        record = WorkerRecord.place(report, now, self.layout)
-        self.workers[report.worker_id] = record
         self.reports += 1
         self.latest_step = max(self.latest_step, report.step)
-        count = self.layout.per_channel(record.count)
-        batch = Moments(count, record.mean, record.var * count)
+        batch = self._place(report, now)
         if report.step <= self.folded_through:  # its step left the open steps: not in the EMA
             merge_into(self.cumulative_moments, batch)
             return True
-        step = self.open_steps.get(report.step)
-        if step is None:
-            self.open_steps[report.step] = Moments(count, record.mean.clone(), batch.m2)
-        else:
-            merge_into(step, batch)
+        self._join_step(report.step, batch)
         folded = len(self.open_steps) > OPEN_STEPS
         while len(self.open_steps) > OPEN_STEPS:
             oldest = min(self.open_steps)
@@ -505,6 +497,29 @@ class RunState:
             del self.open_steps[oldest]
             self.folded_through = oldest
         return folded
+
+    def replay(self, report: Report, last_seen: float) -> None:
+        """Take a stored report again, after a restart, in the order they came: it
+        becomes its worker's latest and rejoins its step if that step is open.  The
+        counters, cumulative moments and EMA are restored as they were stored."""
+        batch = self._place(report, last_seen)
+        if report.step > self.folded_through:
+            self._join_step(report.step, batch)
+
+    def _place(self, report: Report, now: float) -> Moments:
+        """Make ``report`` its worker's latest; its moments in the run's layout."""
+        self.grow(report.layout)
+        record = WorkerRecord.place(report, now, self.layout)
+        self.workers[report.worker_id] = record
+        count = self.layout.per_channel(record.count)
+        return Moments(count, record.mean, record.var * count)
+
+    def _join_step(self, step: int, batch: Moments) -> None:
+        total = self.open_steps.get(step)
+        if total is None:
+            self.open_steps[step] = Moments(batch.count, batch.mean.clone(), batch.m2)
+        else:
+            merge_into(total, batch)
 
     def _folded(self, through: float) -> tuple[Moments, tuple[Tensor, Tensor, Tensor]]:
         """The cumulative moments and the EMA ``(mean, var, started)`` with the open

@@ -1,12 +1,14 @@
 """Durable coordinator state: one SQLite database (WAL) in ``--state-dir``.
 
-The database holds the state itself, not a log: per run its counters, its
-layer layout, cumulative moments and EMAs (flat per-channel arrays) and the
-merged moments of its open steps, per worker the latest report, and the
-rejection counts.  Every accepted report is one transaction, committed before
-the worker is answered, so a report that was acknowledged survives a crash
-(WAL survives process death with ``synchronous=NORMAL``), and the database
-stays the size of the state however long a run is.
+Per run the database holds its counters and layer layout, its cumulative
+moments and EMA (flat per-channel arrays, written when they change: once per
+step), and the reports it still needs: those of the open steps and each
+worker's latest.  A restart replays those reports (``RunState.replay``) to
+rebuild the open steps and the workers.  Every accepted report is one
+transaction, committed before the worker is answered, so a report that was
+acknowledged survives a crash (WAL survives process death with
+``synchronous=NORMAL``), and the database stays the size of the state however
+long a run is.  A report costs one write of its own bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from syncnorm.coordinator.state import Layout, RunState, WorkerRecord, parse_report
+from syncnorm.coordinator.state import Layout, RunState, parse_report
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.moments import Moments
 
@@ -31,10 +33,9 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS estimates (
     run_id TEXT PRIMARY KEY, cumulative_count BLOB, cumulative_mean BLOB, cumulative_m2 BLOB,
     ema_mean BLOB, ema_var BLOB, ema_started BLOB);
-CREATE TABLE IF NOT EXISTS open_steps (
-    run_id TEXT, step INTEGER, count BLOB, mean BLOB, m2 BLOB, PRIMARY KEY (run_id, step));
-CREATE TABLE IF NOT EXISTS workers (
-    run_id TEXT, worker_id TEXT, last_seen REAL, report BLOB, PRIMARY KEY (run_id, worker_id));
+CREATE TABLE IF NOT EXISTS reports (
+    run_id TEXT, seq INTEGER, worker_id TEXT, step INTEGER, last_seen REAL, report BLOB,
+    PRIMARY KEY (run_id, seq));
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER);
 """
 
@@ -67,6 +68,9 @@ class StateStore:
                 f"{self.path} was written by another syncnorm version (schema {version}, this one "
                 f"reads {SCHEMA_VERSION}); give the coordinator a new --state-dir"
             )
+        # Large pages: a report's blobs (hundreds of kB) write ~2.5x faster than in 4 kB
+        # overflow-page chains.  Takes effect for a new database only, before WAL.
+        self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -75,36 +79,34 @@ class StateStore:
     def save_report(
         self, run: RunState, worker_id: str, message: pb.ReportRequest, estimates_changed: bool = True
     ) -> None:
-        """Persist what one accepted report changed in ``run`` (one transaction):
-        the run's counters, the worker's report, the open step it joined, and the
-        cumulative moments and EMA if ``estimates_changed`` (see ``RunState.apply``)."""
-        record = run.workers[worker_id]
+        """Persist what one accepted report changed in ``run`` (one transaction): the
+        run's counters, the report, and if ``estimates_changed`` (see
+        ``RunState.apply``) the cumulative moments and EMA, dropping the reports that
+        are neither in an open step nor some worker's latest."""
         layout = json.dumps([run.layout.names, run.layout.channels])
-        step = run.open_steps.get(message.step)
+        last_seen = run.workers[worker_id].last_seen
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?)",
                 (run.run_id, run.reports, run.latest_step, layout, run.folded_through),
             )
             self._db.execute(
-                "INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?)",
-                (run.run_id, worker_id, record.last_seen, message.SerializeToString()),
+                "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?)",
+                (run.run_id, run.reports, worker_id, message.step, last_seen, message.SerializeToString()),
             )
-            if step is not None:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO open_steps VALUES (?, ?, ?, ?, ?)",
-                    (run.run_id, message.step, _blob(step.count), _blob(step.mean), _blob(step.m2)),
-                )
-            if estimates_changed:
-                c = run.cumulative_moments
-                self._db.execute(
-                    "INSERT OR REPLACE INTO estimates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run.run_id, _blob(c.count), _blob(c.mean), _blob(c.m2), _blob(run.ema_mean),
-                     _blob(run.ema_var), _blob(run.ema_started)),
-                )  # fmt: skip
-                self._db.execute(
-                    "DELETE FROM open_steps WHERE run_id = ? AND step <= ?", (run.run_id, run.folded_through)
-                )
+            if not estimates_changed:
+                return
+            c = run.cumulative_moments
+            self._db.execute(
+                "INSERT OR REPLACE INTO estimates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, _blob(c.count), _blob(c.mean), _blob(c.m2), _blob(run.ema_mean),
+                 _blob(run.ema_var), _blob(run.ema_started)),
+            )  # fmt: skip
+            self._db.execute(
+                "DELETE FROM reports WHERE run_id = ?1 AND step <= ?2 AND seq NOT IN "
+                "(SELECT max(seq) FROM reports WHERE run_id = ?1 GROUP BY worker_id)",
+                (run.run_id, run.folded_through),
+            )
 
     def save_rejection(self, reason: str) -> None:
         with self._transaction():
@@ -120,7 +122,7 @@ class StateStore:
             runs[run_id] = RunState(run_id, momentum, stale_after_s, reports=reports, latest_step=latest_step,
                                     folded_through=folded)  # fmt: skip
             runs[run_id].grow(Layout(tuple(names), tuple(channels)))  # empty estimates of its size
-        # Estimates and open steps were saved when they last changed: the layout may have grown since.
+        # Estimates were saved when they last changed: the layout may have grown since.
         for row in self._db.execute("SELECT * FROM estimates"):
             run_id, count, mean, m2, ema_mean, ema_var, started = row
             run = runs[run_id]
@@ -128,13 +130,9 @@ class StateStore:
             run.cumulative_moments = Moments(*(_tensor(b, size=size) for b in (count, mean, m2)))
             run.ema_mean, run.ema_var = _tensor(ema_mean, size=size), _tensor(ema_var, size=size)
             run.ema_started = _tensor(started, np.bool_, size=layers)
-        for run_id, step, count, mean, m2 in self._db.execute("SELECT * FROM open_steps"):
-            size = runs[run_id].layout.size
-            runs[run_id].open_steps[step] = Moments(*(_tensor(b, size=size) for b in (count, mean, m2)))
-        for run_id, worker_id, last_seen, blob in self._db.execute("SELECT * FROM workers"):
-            run = runs[run_id]
-            report = parse_report(pb.ReportRequest.FromString(blob))
-            run.workers[worker_id] = WorkerRecord.place(report, last_seen, run.layout)
+        rows = self._db.execute("SELECT run_id, last_seen, report FROM reports ORDER BY run_id, seq")
+        for run_id, last_seen, blob in rows:
+            runs[run_id].replay(parse_report(pb.ReportRequest.FromString(blob)), last_seen)
         rejected = Counter(dict(self._db.execute("SELECT reason, count FROM rejections")))
         return runs, rejected
 
