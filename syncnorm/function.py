@@ -37,7 +37,6 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from syncnorm.moments import Moments, local_moments, update_running_stats
@@ -131,19 +130,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
             check_enough_values(total, x.numel() // max(x.shape[1], 1), x.shape)
             if observe is not None:
                 observe(local, total)
-            batch = Moments(total.count.to(dtype), total.mean.to(dtype), total.m2.to(dtype))
-            invstd = torch.rsqrt(batch.biased_var + eps)
             if running_mean is not None and running_var is not None:
-                update_running_stats(running_mean, running_var, batch, average_factor)
-
+                update_running_stats(running_mean, running_var, total, average_factor)
+            mean, var = total.mean.to(dtype), total.biased_var.to(dtype)
             # The fused eval-mode kernel normalizes with the given (here: global) statistics.
-            y = F.batch_norm(xc, batch.mean, batch.biased_var, _as(weight, dtype), _as(bias, dtype),
-                             training=False, eps=eps)  # fmt: skip
+            y = torch.batch_norm(xc, _as(weight, dtype), _as(bias, dtype), mean, var, False, 0.0, eps, True)
+            invstd = (var + eps).rsqrt_()
 
-        ctx.save_for_backward(x, weight, batch.mean, invstd, batch.count)
+        # the count stays in the transport's dtype: a 0-d divisor keeps the gradients' dtype
+        ctx.save_for_backward(x, weight, mean, invstd, total.count)
         ctx.reducer = reducer
         ctx.layer = layer
-        return y.to(x.dtype, memory_format=memory_format_of(x))
+        return y if y.dtype == x.dtype else y.to(x.dtype, memory_format=memory_format_of(x))
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -156,16 +154,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
             grad_x = None
             if need_x:
-                c = mean.numel()
                 totals = ctx.reducer.sum_across_workers(torch.cat([sum_dy, sum_dy_xhat]), ctx.layer)
-                mean_dy, mean_dy_xhat = totals[:c] / count, totals[c:] / count
                 scale = invstd if weight is None else invstd * weight.to(dtype)
                 # dx = scale * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean) * invstd:
                 # an affine map of x per channel (one fused kernel) plus scale * dy.
-                grad_x = F.batch_norm(xc, mean, torch.ones_like(mean), -scale * invstd * mean_dy_xhat,
-                                      -scale * mean_dy, training=False, eps=0.0)  # fmt: skip
+                # coefficients: -scale * (mean_dy, mean_dy_xhat * invstd)
+                coefficients = (totals / count).view(2, -1).mul_(scale).neg_()
+                shift, slope = coefficients.unbind()
+                grad_x = torch.batch_norm(xc, slope.mul_(invstd), shift, mean, torch.ones_like(mean), False,
+                                          0.0, 0.0, True)  # fmt: skip
                 grad_x.addcmul_(dyc, _channel_view(scale, x.dim()))
-                grad_x = grad_x.to(x.dtype, memory_format=memory_format_of(x))
+                if grad_x.dtype != x.dtype:
+                    grad_x = grad_x.to(x.dtype, memory_format=memory_format_of(x))
             grad_w = sum_dy_xhat.to(weight.dtype) if need_w else None
             grad_b = sum_dy.to(weight.dtype) if need_b else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,13 +63,15 @@ def timeout_from_env() -> float:
     return value
 
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single and deprecated the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def all_gather_into(
     out: Tensor, tensor: Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
 ) -> dist.Work | None:
     """All-gather ``tensor`` from every rank into the flat ``out`` (rank-major)."""
-    # torch 2.13 renamed all_gather_into_tensor to all_gather_single and deprecated the old name.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, tensor, group=group, async_op=async_op)
+    return _all_gather_single(out, tensor, group=group, async_op=async_op)
 
 
 @dataclass
@@ -85,10 +88,14 @@ class _PendingCheck:
 @dataclass
 class _RoundBuffers:
     """One layer's all-gather buffers for one direction: the payload (signature
-    first) and the gathered rows."""
+    first, then ``body``) and the gathered payloads, flat and as ``rows``."""
 
     payload: Tensor
     gathered: Tensor
+
+    def __post_init__(self) -> None:
+        self.body = self.payload[1:]
+        self.rows = self.gathered.view(-1, self.payload.numel())
 
 
 class TorchDistributedReducer(StatsReducer):
@@ -126,7 +133,7 @@ class TorchDistributedReducer(StatsReducer):
             )
         if primitive not in ("auto", "all_gather", "all_reduce"):
             raise ValueError(f"primitive must be 'auto', 'all_gather' or 'all_reduce', got {primitive!r}")
-        self.group = group
+        self._group = weakref.ref(group) if group is not None else None
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         backend = str(dist.get_backend(group)).lower()
@@ -136,12 +143,23 @@ class TorchDistributedReducer(StatsReducer):
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.timeout_s = timeout_s if timeout_s is not None else timeout_from_env()
+        self._wait_limit = datetime.timedelta(seconds=self.timeout_s)
         self._host_waits = backend != "nccl"
         self._verified: set[int] = set()
         self._names: dict[int, str] = {}
         self._pending: list[_PendingCheck] = []
         self._calls: Counter[tuple[int, str]] = Counter()
         self._round_buffers: dict[tuple[int, str], _RoundBuffers] = {}
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group (``None``: the default one); held weakly, like its cache entry."""
+        if self._group is None:
+            return None
+        group = self._group()
+        if group is None:
+            raise RuntimeError("this reducer's process group was destroyed")
+        return group
 
     def __deepcopy__(self, memo: dict) -> TorchDistributedReducer:
         # A handle on a process group: copies of a model (EMA, eval copies) share it.
@@ -154,10 +172,7 @@ class TorchDistributedReducer(StatsReducer):
         c = layer.num_features
         if self.primitive == "all_gather":
             buffers = self._buffers(layer, "forward", 2 + 2 * c, local.mean.device)
-            body = buffers.payload[1:]
-            body[0].copy_(local.count)
-            body[1 : 1 + c].copy_(local.mean)
-            body[1 + c :].copy_(local.m2)
+            torch.cat([local.count.reshape(1), local.mean, local.m2], out=buffers.body)
             rows = self._all_gather(buffers, layer, "forward")
             return merge_moments(rows[:, 1], rows[:, 2 : 2 + c], rows[:, 2 + c :])
         n, s1, s2 = to_power_sums(
@@ -174,7 +189,7 @@ class TorchDistributedReducer(StatsReducer):
         self._start_round(layer, local.device, "backward")
         if self.primitive == "all_gather":
             buffers = self._buffers(layer, "backward", 1 + local.numel(), local.device)
-            buffers.payload[1:].copy_(local)
+            buffers.body.copy_(local)
             rows = self._all_gather(buffers, layer, "backward")
             return rows[:, 1:].sum(0).to(local.dtype)
         return self._all_reduce_signed(local.to(_PAYLOAD_DTYPE), layer, "backward").to(local.dtype)
@@ -197,9 +212,8 @@ class TorchDistributedReducer(StatsReducer):
         """All-gather ``buffers.payload``; the rows, after checking every rank's signature."""
         out = buffers.gathered
         self._wait(lambda: all_gather_into(out, buffers.payload, self.group, async_op=True), layer, direction)
-        rows = out.view(self.world_size, -1)
-        self._check(rows[:, 0], layer, direction, ranks_gathered=True)
-        return rows
+        self._check(buffers.rows[:, 0], layer, direction, ranks_gathered=True)
+        return buffers.rows
 
     def _wait(self, start: Callable[[], dist.Work | None], layer: LayerKey, direction: str) -> None:
         """Run one collective; a dead, hung or missing peer becomes a SynchronizationError."""
@@ -207,7 +221,7 @@ class TorchDistributedReducer(StatsReducer):
             work = start()
             assert work is not None
             if self._host_waits:
-                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+                work.wait(timeout=self._wait_limit)
             else:
                 work.wait()
         except RuntimeError as error:
@@ -284,16 +298,17 @@ class TorchDistributedReducer(StatsReducer):
     def _raise_if_mismatch(
         self, observed: Tensor, layer: LayerKey, direction: str, ranks_gathered: bool
     ) -> None:
+        values = observed.tolist()  # one read for a few values: cheaper than comparing on the tensor
         if ranks_gathered:
-            if bool((observed == layer.signature).all()):
+            if all(s == layer.signature for s in values):
                 return
             detail = "; ".join(
                 f"rank {r} was in {self._label(int(s))}"
-                for r, s in enumerate(observed.tolist())
+                for r, s in enumerate(values)
                 if int(s) != layer.signature
             )
         else:
-            if bool((observed == 0).all()):
+            if not any(values):
                 return
             detail = "at least one other rank was in a different layer"
         raise LayerMismatchError(
@@ -302,7 +317,10 @@ class TorchDistributedReducer(StatsReducer):
         )
 
 
-_reducers: dict[int, tuple[object, TorchDistributedReducer]] = {}
+_reducers: weakref.WeakKeyDictionary[dist.ProcessGroup, TorchDistributedReducer] = weakref.WeakKeyDictionary()
+"""The default reducer of each live group.  Weak: a group that
+``destroy_process_group`` released is not kept alive here until the interpreter
+exits, where its late destruction could abort the process (seen with Gloo)."""
 
 
 def default_reducer(group: dist.ProcessGroup | None) -> TorchDistributedReducer | None:
@@ -311,14 +329,12 @@ def default_reducer(group: dist.ProcessGroup | None) -> TorchDistributedReducer 
     if not dist.is_available() or not dist.is_initialized():
         return None
     resolved = group if group is not None else dist.group.WORLD
-    cached = _reducers.get(id(resolved))
-    if cached is not None and cached[0] is resolved:
-        return cached[1]
+    cached = _reducers.get(resolved)
+    if cached is not None:
+        return cached
     if dist.get_world_size(group) == 1:
         return None
-    reducer = TorchDistributedReducer(group)
-    # The group object is kept alive with its reducer so its id is never reused.
-    _reducers[id(resolved)] = (resolved, reducer)
+    reducer = _reducers[resolved] = TorchDistributedReducer(group)
     return reducer
 
 
