@@ -134,7 +134,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 update_running_stats(running_mean, running_var, total, average_factor)
             mean, var = total.mean.to(dtype), total.biased_var.to(dtype)
             # The fused eval-mode kernel normalizes with the given (here: global) statistics.
-            y = torch.batch_norm(xc, _as(weight, dtype), _as(bias, dtype), mean, var, False, 0.0, eps, True)
+            y = torch.batch_norm(xc, _as(weight, dtype), _as(bias, dtype), mean, var, False, 0.0, eps,
+                                 torch.backends.cudnn.enabled)  # fmt: skip
             invstd = (var + eps).rsqrt_()
 
         # the count stays in the transport's dtype: a 0-d divisor keeps the gradients' dtype
@@ -162,7 +163,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 coefficients = (totals / count).view(2, -1).mul_(scale).neg_()
                 shift, slope = coefficients.unbind()
                 grad_x = torch.batch_norm(xc, slope.mul_(invstd), shift, mean, torch.ones_like(mean), False,
-                                          0.0, 0.0, True)  # fmt: skip
+                                          0.0, 0.0, torch.backends.cudnn.enabled)  # fmt: skip
                 grad_x.addcmul_(dyc, _channel_view(scale, x.dim()))
                 if grad_x.dtype != x.dtype:
                     grad_x = grad_x.to(x.dtype, memory_format=memory_format_of(x))
