@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from syncnorm.coordinator.service import Coordinator
 from syncnorm.coordinator.state import OPEN_STEPS, RunState
-from syncnorm.coordinator.store import StateStore
+from syncnorm.coordinator.store import CHECKPOINT_EVERY_S, StateStore
 from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, ReportRequest
 
 
@@ -55,3 +57,23 @@ def test_a_reloaded_store_holds_the_open_steps_the_estimates_and_a_grown_layout(
     live.report(_report(1, 0, ("bn1", "bn2")), now=0.0)  # late: straight into the cumulative estimate
     _same(live.run("run"), reloaded())
     assert live.run("run").estimates().cumulative["bn2"].count == 4 + 5
+
+
+def test_checkpoints_run_in_the_background_and_close_empties_the_wal(tmp_path) -> None:
+    store = StateStore(tmp_path)
+    coordinator = Coordinator(stale_after_s=3600, store=store)
+    database, wal = store.path, store.path.with_name(store.path.name + "-wal")
+    empty = database.stat().st_size
+    for step in range(3):
+        coordinator.report(_report(0, step, ("bn1", "bn2")), now=0.0)
+    # commits never checkpoint (wal_autocheckpoint=0): only the background thread moves
+    # the reports from the WAL into the database file
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    deadline = time.monotonic() + 10 * CHECKPOINT_EVERY_S + 5
+    while database.stat().st_size == empty and time.monotonic() < deadline:
+        time.sleep(CHECKPOINT_EVERY_S / 2)
+    assert database.stat().st_size > empty
+    store.close()
+    assert not store._checkpointer.is_alive()
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert Coordinator(stale_after_s=3600, store=StateStore(tmp_path)).run("run").reports == 3

@@ -32,6 +32,8 @@ class RunningCoordinator:
     def stop(self, grace_s: float = 1.0) -> None:
         self.server.stop(grace_s).wait()
         self.metrics_server.shutdown()  # type: ignore[attr-defined]
+        if self.coordinator.store is not None:
+            self.coordinator.store.close()
 
 
 def start_coordinator(

@@ -14,7 +14,9 @@ long a run is.  A report costs one write of its own bytes.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +27,11 @@ from torch import Tensor
 from syncnorm.coordinator.state import Layout, RunState, parse_report
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.moments import Moments
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY_S = 0.25
+"""How often the background thread moves committed WAL pages into the database."""
 
 SCHEMA_VERSION = 3
 SCHEMA = """
@@ -75,6 +82,25 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        # Checkpoints (copying the WAL into the database, and its fsync) run on a thread of
+        # their own, not inside the commit of whichever report crosses the WAL's limit.
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="syncnorm-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            while not self._stop.wait(CHECKPOINT_EVERY_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never waits for the writer
+                except sqlite3.Error as error:  # the next round tries again; commits are unaffected
+                    log.warning("WAL checkpoint of %s failed: %s", self.path, error)
+        finally:
+            db.close()
 
     def save_report(
         self, run: RunState, worker_id: str, message: pb.ReportRequest, estimates_changed: bool = True
@@ -140,6 +166,9 @@ class StateStore:
         return _Transaction(self._db)
 
     def close(self) -> None:
+        self._stop.set()
+        self._checkpointer.join()
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
 
 
