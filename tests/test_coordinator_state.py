@@ -10,13 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncnorm.coordinator.state import (
-    OPEN_STEPS,
-    REJECTION_REASONS,
-    InvalidReport,
-    RunState,
-    parse_report,
-)
+from syncnorm.coordinator.report import REJECTION_REASONS, InvalidReport, parse_report
+from syncnorm.coordinator.state import OPEN_STEPS, RunState
 from syncnorm.coordinator.v1.coordinator_pb2 import LayerStats, PackedLayerStats, ReportRequest
 
 
@@ -129,11 +124,11 @@ def test_every_reason_raised_is_listed_for_the_metrics() -> None:
     import ast
     import inspect
 
-    import syncnorm.coordinator.state as state
+    import syncnorm.coordinator.report as report
 
     raised = {
         call.args[0].value
-        for call in ast.walk(ast.parse(inspect.getsource(state)))
+        for call in ast.walk(ast.parse(inspect.getsource(report)))
         if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "InvalidReport"
     }
     assert raised == set(REJECTION_REASONS)

@@ -11,9 +11,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import syncnorm
+from syncnorm.coordinator.report import parse_report
 from syncnorm.coordinator.reporter import LayerSnapshot, StatsReporter, build_report
 from syncnorm.coordinator.server import start_coordinator
-from syncnorm.coordinator.state import parse_report
 from syncnorm.coordinator.v1.coordinator_pb2 import PackedLayerStats
 from syncnorm.moments import local_moments
 

@@ -13,7 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from syncnorm.coordinator.analysis import batch_size_mismatch_ratio
-from syncnorm.coordinator.state import REJECTION_REASONS, InvalidReport, RunState, parse_report
+from syncnorm.coordinator.report import REJECTION_REASONS, InvalidReport, parse_report
+from syncnorm.coordinator.state import RunState
 from syncnorm.coordinator.store import StateStore
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.coordinator.v1 import coordinator_pb2_grpc as pb_grpc

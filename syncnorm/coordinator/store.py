@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from syncnorm.coordinator.state import Layout, RunState, parse_report
+from syncnorm.coordinator.layout import Layout
+from syncnorm.coordinator.report import parse_report
+from syncnorm.coordinator.state import RunState
 from syncnorm.coordinator.v1 import coordinator_pb2 as pb
 from syncnorm.moments import Moments
 
