@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from syncnorm.moments import Moments
+from syncnorm.moments import Moments, merge_moments
 
 EPS = 1e-5
 
@@ -40,22 +40,11 @@ def merge_reports(counts: Tensor, means: Tensor, variances: Tensor) -> Moments:
             when the channels belong to layers of different counts.
         means: ``(W, C)`` per-channel means.
         variances: ``(W, C)`` per-channel biased variances.
-
-    With weights ``w_i = n_i / N``, the union's mean is ``sum_i w_i mu_i`` and its
-    variance ``sum_i w_i (var_i + (mu_i - mu)**2)``: Chan et al.'s merge
-    (:func:`syncnorm.moments.merge_moments`) written with the variances the
-    workers report, a sum of non-negative terms without cancellation, in six
-    passes over ``(W, C)``.
     """
     counts = torch.as_tensor(counts, dtype=torch.float64)
     means, variances = torch.as_tensor(means).double(), torch.as_tensor(variances).double()
-    total = counts.sum(0)
-    weights = counts / total.clamp(min=torch.finfo(torch.float64).tiny)
-    if counts.dim() == 1:
-        weights = weights[:, None]
-    mean = (weights * means).sum(0)
-    var = (means - mean).square_().add_(variances).mul_(weights).sum(0)
-    return Moments(total, mean, var * total)
+    m2 = variances * (counts[:, None] if counts.dim() == 1 else counts)
+    return merge_moments(counts, means, m2)
 
 
 def standardized_shift(

@@ -234,13 +234,13 @@ class RunState:
     def estimates(self) -> Estimates:
         """The run's global statistics over every report so far (open steps included)."""
         cumulative, (mean, var, started) = self._folded(math.inf)
+        counts = self.layout.at_layer_starts(cumulative.count)
         estimates = Estimates()
-        for i, name in enumerate(self.layout.names):
+        for name, count, ema_started in zip(self.layout.names, counts, started.tolist(), strict=True):
             part = self.layout.slice(name)
-            if float(cumulative.count[part.start]) > 0:
-                estimates.cumulative[name] = Moments(cumulative.count[part.start], cumulative.mean[part],
-                                                     cumulative.m2[part])  # fmt: skip
-            if bool(started[i]):
+            if count > 0:
+                estimates.cumulative[name] = Moments(count, cumulative.mean[part], cumulative.m2[part])
+            if ema_started:
                 estimates.ema[name] = (mean[part], var[part])
         return estimates
 
