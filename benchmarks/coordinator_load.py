@@ -69,8 +69,9 @@ def make_report(
     count = 32.0 * 7 * 7
     dtype = ENCODINGS[encoding]
     if dtype is not None:
-        value_type = pb.PackedLayerStats.VALUE_TYPE_FLOAT32 if dtype == "<f4" else 0  # 0: FLOAT64
-        report.packed.CopyFrom(pb.PackedLayerStats(
+        Packed = pb.PackedLayerStats
+        value_type = Packed.VALUE_TYPE_FLOAT32 if dtype == "<f4" else Packed.VALUE_TYPE_FLOAT64
+        report.packed.CopyFrom(Packed(
             layer=names, channels=channels, count=[count] * len(channels), value_type=value_type,
             **{k: np.concatenate(v).astype(dtype).tobytes() for k, v in blocks.items()},
         ))  # fmt: skip
