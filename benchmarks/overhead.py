@@ -6,16 +6,21 @@ input (8, C, 8, 8) fp32 per rank, one run measures interleaved, round by round
 (every case once per round, ``--repeats`` calls each, medians over ``--rounds``):
 
 * local ``torch.nn.BatchNorm2d`` forward + backward,
-* ``syncnorm.SyncBatchNorm`` forward + backward,
+* ``syncnorm.SyncBatchNorm`` forward + backward, as it runs by default (on CPU: the
+  shared-memory all-gather, all ranks being on one host) and, on CPU, forced onto
+  Gloo's all_gather (``primitive="all_gather"``, what ranks on several hosts use),
 * the designs of torch.nn.SyncBatchNorm, detectron2 and mmcv forward + backward,
   re-implemented in :mod:`benchmarks.baselines` (plain tensor ops, same transport),
 * on CUDA only, the real ``torch.nn.SyncBatchNorm``,
 * a bare all_gather and a bare all_reduce of 2C + 1 fp32 values, what a SyncBN
-  layer must at least exchange (per-channel mean and variance, and a count),
+  layer must at least exchange (per-channel mean and variance, and a count), and
+  on CPU a bare shared-memory round of 2C + 2 float64 values,
 
 and prints medians and ``(x - local) / floor`` for syncnorm and each design, where
-the floor is two bare collectives (one forward, one backward) of the primitive
-syncnorm's reducer uses on this backend (all_gather on Gloo, all_reduce on NCCL).
+the floor is two bare collectives (one forward, one backward) of the backend's
+fastest collective (:data:`~syncnorm.transports.FASTEST_PRIMITIVE`: all_gather on
+Gloo, all_reduce on NCCL).  On one host syncnorm does not use that collective, so
+it can come in under the floor.
 
 CPU runs use a Gloo group of local processes.  ``--device cuda`` runs one process
 per GPU (by default as many as are visible; a 1-rank group is allowed and still
@@ -44,7 +49,13 @@ from torch import nn
 from benchmarks.baselines import DESIGNS, BaselineBatchNorm2d
 from syncnorm import SyncBatchNorm
 from syncnorm.launch import run_local_group
-from syncnorm.transports.torch_distributed import TorchDistributedReducer, all_gather_into, default_reducer
+from syncnorm.transports.shared_memory import SharedMemoryChannel
+from syncnorm.transports.torch_distributed import (
+    FASTEST_PRIMITIVE,
+    TorchDistributedReducer,
+    all_gather_into,
+    default_reducer,
+)
 
 
 @dataclass
@@ -113,8 +124,11 @@ def _measure_one(world_size: int, c: int, rounds: int, repeats: int, where: Plac
     layers: dict[str, nn.Module] = {
         "local_bn": nn.BatchNorm2d(c),
         "syncnorm": SyncBatchNorm(c, process_group=group, reducer=reducer),
-        **{f"{d}_design": BaselineBatchNorm2d(c, design=d, process_group=group) for d in DESIGNS},
     }
+    if device.type == "cpu":
+        gloo = TorchDistributedReducer(group, primitive="all_gather")
+        layers["syncnorm_gloo"] = SyncBatchNorm(c, process_group=group, reducer=gloo)
+    layers |= {f"{d}_design": BaselineBatchNorm2d(c, design=d, process_group=group) for d in DESIGNS}
     if device.type == "cuda":
         layers["torch_syncbn"] = nn.SyncBatchNorm(c, process_group=group)
     payload = torch.randn(2 * c + 1, device=device)
@@ -122,14 +136,21 @@ def _measure_one(world_size: int, c: int, rounds: int, repeats: int, where: Plac
     cases = {name: _fwd_bwd(layer.to(device), x, dy) for name, layer in layers.items()}
     cases["all_gather"] = lambda: all_gather_into(gathered, payload, group)
     cases["all_reduce"] = lambda: dist.all_reduce(payload, group=group)
+    if device.type == "cpu":
+        channel, why = SharedMemoryChannel.open(group, 2 * c + 2)
+        if channel is None:
+            raise SystemExit(f"no shared-memory channel between the ranks: {why}")
+        cases["shared_memory"] = lambda: channel.exchange(2 * c + 2, timeout_s=60.0)
     medians = interleaved_medians(cases, rounds, repeats, where)
-    floor = 2 * medians[reducer.primitive]
+    floor_primitive = FASTEST_PRIMITIVE[str(dist.get_backend(group)).lower()]
+    floor = 2 * medians[floor_primitive]
     row: dict = {
         "world_size": world_size,
         "channels": c,
         "device": device.type,
         **{f"{k}_ms": round(v, 4) for k, v in medians.items()},
         "primitive": reducer.primitive,
+        "floor_primitive": floor_primitive,
         "floor_ms": round(floor, 4),
         "overhead_over_floor": round((medians["syncnorm"] - medians["local_bn"]) / floor, 3),
     }
@@ -157,30 +178,44 @@ def print_tables(rows: list[dict], rounds: int, repeats: int, device_type: str) 
         f"# {environment_line(device_type)}, median of {rounds} rounds x {repeats} calls, "
         "input (8, C, 8, 8) fp32 per rank, forward + backward"
     )
-    extra = ["torch_syncbn"] if device_type == "cuda" else []
-    designs = [f"{d}_design" for d in DESIGNS] + extra
-    titles = {"torch_design": "torch design", "detectron2_design": "detectron2 design",
-              "mmcv_design": "mmcv design", "torch_syncbn": "nn.SyncBatchNorm"}  # fmt: skip
+    cpu = device_type == "cpu"
+    others = (["syncnorm_gloo"] if cpu else []) + [f"{d}_design" for d in DESIGNS]
+    others += [] if cpu else ["torch_syncbn"]
+    bare = ["all_gather", "all_reduce"] + (["shared_memory"] if cpu else [])
+    titles = {"syncnorm_gloo": "syncnorm over Gloo", "torch_design": "torch design",
+              "detectron2_design": "detectron2 design", "mmcv_design": "mmcv design",
+              "torch_syncbn": "nn.SyncBatchNorm", "shared_memory": "shared-memory round"}  # fmt: skip
     print()
-    print("Medians, ms per call")
+    print(f"Medians, ms per call (syncnorm: {rows[0]['primitive']})")
     print()
-    head = ["ranks", "C", "local BN", "syncnorm", *(titles[d] for d in designs), "all_gather", "all_reduce"]
+    head = [
+        "ranks",
+        "C",
+        "local BN",
+        "syncnorm",
+        *(titles[d] for d in others),
+        *(titles.get(b, b) for b in bare),
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        cells = [r["local_bn_ms"], r["syncnorm_ms"], *(r[f"{d}_ms"] for d in designs),
-                 r["all_gather_ms"], r["all_reduce_ms"]]  # fmt: skip
+        cells = [
+            r["local_bn_ms"],
+            r["syncnorm_ms"],
+            *(r[f"{d}_ms"] for d in others),
+            *(r[f"{b}_ms"] for b in bare),
+        ]
         print(f"| {r['world_size']} | {r['channels']} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
     print()
-    print("(x - local BN) / floor, floor = 2 x the bare collective of syncnorm's primitive")
+    print("(x - local BN) / floor, floor = 2 x the backend's fastest bare collective")
     print()
-    head = ["ranks", "C", "floor", "floor ms", "syncnorm", *(titles[d] for d in designs)]
+    head = ["ranks", "C", "floor", "floor ms", "syncnorm", *(titles[d] for d in others)]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        ratios = [r["overhead_over_floor"], *(r[f"{d}_over_floor"] for d in designs)]
+        ratios = [r["overhead_over_floor"], *(r[f"{d}_over_floor"] for d in others)]
         print(
-            f"| {r['world_size']} | {r['channels']} | 2 x {r['primitive']} | {r['floor_ms']:.3f} | "
+            f"| {r['world_size']} | {r['channels']} | 2 x {r['floor_primitive']} | {r['floor_ms']:.3f} | "
             + " | ".join(f"{v:.2f}" for v in ratios)
             + " |"
         )

@@ -12,13 +12,15 @@ once per round, ``--repeats`` steps each, medians over ``--rounds``):
 
 * a step (forward, cross-entropy backward, SGD with momentum step) of the model
   with local ``torch.nn.BatchNorm2d``,
-* the same step of a copy converted with ``syncnorm.convert_sync_batchnorm``,
+* the same step of a copy converted with ``syncnorm.convert_sync_batchnorm`` (on
+  CPU: the shared-memory all-gather, all ranks being on one host), and on CPU of
+  one forced onto Gloo's all_gather (what ranks on several hosts use),
 * on CUDA only, a copy converted with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``,
 * the L bare all_gathers, and the L bare all_reduces, of 2 C_l + 1 fp32 values
   (one per BN layer, back to back),
 
 and prints ``(syncnorm - local) / floor`` with floor = 2 x the L bare collectives
-of the primitive syncnorm's reducer uses (one forward and one backward per layer).
+of the backend's fastest collective (one forward and one backward per layer).
 There is no gradient all-reduce (no DDP): both models take the same local SGD
 step, so their difference is the batch norm synchronization alone.
 
@@ -64,7 +66,7 @@ from benchmarks.overhead import (
 )
 from syncnorm import convert_sync_batchnorm
 from syncnorm.launch import run_local_group
-from syncnorm.transports.torch_distributed import all_gather_into
+from syncnorm.transports.torch_distributed import FASTEST_PRIMITIVE, TorchDistributedReducer, all_gather_into
 
 CLASSES = 10
 
@@ -160,6 +162,11 @@ def _measure(
         "local_bn": local,
         "syncnorm": convert_sync_batchnorm(copy.deepcopy(local), process_group=group, reducer=reducer),
     }
+    if device.type == "cpu":
+        gloo = TorchDistributedReducer(group, primitive="all_gather")
+        models["syncnorm_gloo"] = convert_sync_batchnorm(
+            copy.deepcopy(local), process_group=group, reducer=gloo
+        )
     if device.type == "cuda":
         models["torch_syncbn"] = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(local), group)
     steps = {name: training_step(model, x, labels) for name, model in models.items()}
@@ -179,7 +186,8 @@ def _measure(
     medians = interleaved_medians(
         {**steps, "all_gather_layers": all_gathers, "all_reduce_layers": all_reduces}, rounds, repeats, where
     )
-    floor = 2 * medians[f"{reducer.primitive}_layers"]
+    floor_primitive = FASTEST_PRIMITIVE[str(dist.get_backend(group)).lower()]
+    floor = 2 * medians[f"{floor_primitive}_layers"]
     peaks = {name: peak_step_bytes(step, where) for name, step in steps.items()}
     row: dict = {
         "world_size": world_size,
@@ -192,11 +200,15 @@ def _measure(
         "bn_channels": channels,
         **{f"{k}_ms": round(v, 3) for k, v in medians.items()},
         "primitive": reducer.primitive,
+        "floor_primitive": floor_primitive,
         "floor_ms": round(floor, 3),
         "overhead_over_floor": round((medians["syncnorm"] - medians["local_bn"]) / floor, 3),
         **{f"{k}_peak_mib": round(v / 2**20, 3) for k, v in peaks.items()},
         "peak_ratio": round(peaks["syncnorm"] / peaks["local_bn"], 3),
     }
+    if "syncnorm_gloo" in models:
+        row["syncnorm_gloo_over_floor"] = round((medians["syncnorm_gloo"] - medians["local_bn"]) / floor, 3)
+        row["syncnorm_gloo_peak_ratio"] = round(peaks["syncnorm_gloo"] / peaks["local_bn"], 3)
     if "torch_syncbn" in models:
         row["torch_syncbn_over_floor"] = round((medians["torch_syncbn"] - medians["local_bn"]) / floor, 3)
         row["torch_syncbn_peak_ratio"] = round(peaks["torch_syncbn"] / peaks["local_bn"], 3)
@@ -212,35 +224,39 @@ def print_tables(rows: list[dict], rounds: int, repeats: int, device_type: str) 
         f"input ({first['batch_per_rank']}, 3, {first['image_size']}, {first['image_size']}) fp32 per rank; "
         "step = forward + backward + SGD"
     )
-    torch_sync = device_type == "cuda"
+    # (title, key) of the synchronized models besides syncnorm's default
+    others = (
+        [("nn.SyncBatchNorm", "torch_syncbn")]
+        if device_type == "cuda"
+        else [("syncnorm over Gloo", "syncnorm_gloo")]
+    )
     print()
-    print("Step time, ms (floor = 2 x the bare collectives of syncnorm's primitive, one per BN layer)")
+    print(
+        f"Step time, ms (syncnorm: {first['primitive']}; "
+        "floor = 2 x the backend's fastest bare collective, one per BN layer)"
+    )
     print()
-    head = ["ranks", "local BN", "syncnorm", *(["nn.SyncBatchNorm"] if torch_sync else []),
-            "all_gather x L", "all_reduce x L", "floor", "(syncnorm - local) / floor"]  # fmt: skip
-    if torch_sync:
-        head.append("(nn.SyncBatchNorm - local) / floor")
+    head = ["ranks", "local BN", "syncnorm", *(t for t, _ in others), "all_gather x L", "all_reduce x L",
+            "floor", "(syncnorm - local) / floor"]  # fmt: skip
+    head += [f"({t} - local) / floor" for t, _ in others]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
-        cells = [f"{r['local_bn_ms']:.2f}", f"{r['syncnorm_ms']:.2f}"]
-        cells += [f"{r['torch_syncbn_ms']:.2f}"] if torch_sync else []
+        cells = [f"{r[f'{k}_ms']:.2f}" for k in ["local_bn", "syncnorm", *(k for _, k in others)]]
         cells += [f"{r['all_gather_layers_ms']:.2f}", f"{r['all_reduce_layers_ms']:.2f}"]
-        cells += [f"{r['floor_ms']:.2f} (2 x {r['primitive']})", f"{r['overhead_over_floor']:.2f}"]
-        cells += [f"{r['torch_syncbn_over_floor']:.2f}"] if torch_sync else []
+        cells += [f"{r['floor_ms']:.2f} (2 x {r['floor_primitive']})", f"{r['overhead_over_floor']:.2f}"]
+        cells += [f"{r[f'{k}_over_floor']:.2f}" for _, k in others]
         print(f"| {r['world_size']} | " + " | ".join(cells) + " |")
     print()
     print("Peak tensor memory of one step above the memory live before it, MiB")
     print()
     head = ["ranks", "local BN", "syncnorm", "syncnorm / local BN"]
-    if torch_sync:
-        head += ["nn.SyncBatchNorm", "nn.SyncBatchNorm / local BN"]
+    head += [x for t, _ in others for x in (t, f"{t} / local BN")]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         cells = [f"{r['local_bn_peak_mib']:.2f}", f"{r['syncnorm_peak_mib']:.2f}", f"{r['peak_ratio']:.3f}"]
-        if torch_sync:
-            cells += [f"{r['torch_syncbn_peak_mib']:.2f}", f"{r['torch_syncbn_peak_ratio']:.3f}"]
+        cells += [x for _, k in others for x in (f"{r[f'{k}_peak_mib']:.2f}", f"{r[f'{k}_peak_ratio']:.3f}")]
         print(f"| {r['world_size']} | " + " | ".join(cells) + " |")
 
 

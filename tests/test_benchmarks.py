@@ -26,23 +26,22 @@ def test_overhead_benchmark_reports_every_case_and_ratio(capsys: pytest.CaptureF
     rows = json.loads(result.stdout)
     assert [(r["world_size"], r["channels"]) for r in rows] == [(2, 64)]
     r = rows[0]
-    assert r["primitive"] == "all_gather"
-    for case in ("local_bn", "syncnorm", "torch_design", "detectron2_design", "mmcv_design",
-                 "all_gather", "all_reduce"):  # fmt: skip
+    assert r["primitive"] == "shared_memory" and r["floor_primitive"] == "all_gather"
+    for case in ("local_bn", "syncnorm", "syncnorm_gloo", "torch_design", "detectron2_design", "mmcv_design",
+                 "all_gather", "all_reduce", "shared_memory"):  # fmt: skip
         assert r[f"{case}_ms"] > 0, case
     assert r["floor_ms"] == pytest.approx(2 * r["all_gather_ms"], abs=1e-3)
     assert abs(r["overhead_over_floor"] - (r["syncnorm_ms"] - r["local_bn_ms"]) / r["floor_ms"]) < 1e-2
-    for design in ("torch", "detectron2", "mmcv"):
-        ratio = r[f"{design}_design_over_floor"]
-        assert abs(ratio - (r[f"{design}_design_ms"] - r["local_bn_ms"]) / r["floor_ms"]) < 1e-2
-    assert all(r[k] > 0 for k in r if k.endswith("over_floor")), r
+    for other in ("syncnorm_gloo", "torch_design", "detectron2_design", "mmcv_design"):
+        ratio = r[f"{other}_over_floor"]
+        assert abs(ratio - (r[f"{other}_ms"] - r["local_bn_ms"]) / r["floor_ms"]) < 1e-2, other
 
     print_tables(rows, 2, 1, "cpu")
     table = capsys.readouterr().out
-    number = r" ([\d.]+) \|"
-    assert re.search(r"^\| 2 \| 64 \|" + number * 7 + "$", table, re.M), table
-    ratios = re.search(r"^\| 2 \| 64 \| 2 x all_gather \|" + number * 5 + "$", table, re.M)
-    assert ratios and all(float(v) > 0 for v in ratios.groups()), table
+    number = r" (-?[\d.]+) \|"
+    assert re.search(r"^\| 2 \| 64 \|" + number * 9 + "$", table, re.M), table
+    ratios = re.search(r"^\| 2 \| 64 \| 2 x all_gather \|" + number * 6 + "$", table, re.M)
+    assert ratios and float(ratios.group(1)) > 0, table
 
 
 def test_whole_model_benchmark_reports_step_ratio_and_peak_memory() -> None:
@@ -59,14 +58,21 @@ def test_whole_model_benchmark_reports_step_ratio_and_peak_memory() -> None:
         for line in out.splitlines()
         if line.startswith("| 2 |")
     ]
-    step = next(r for r in rows if len(r) == 7)
-    local, sync, gathers, reduces = (float(v) for v in step[1:5])
-    floor, ratio = float(step[5].removesuffix(" (2 x all_gather)")), float(step[6])
-    assert min(local, sync, gathers, reduces) > 0
+    step = next(r for r in rows if len(r) == 9)
+    local, sync, sync_gloo, gathers, reduces = (float(v) for v in step[1:6])
+    floor, ratio, ratio_gloo = (
+        float(step[6].removesuffix(" (2 x all_gather)")),
+        float(step[7]),
+        float(step[8]),
+    )
+    assert min(local, sync, sync_gloo, gathers, reduces) > 0
     assert floor == pytest.approx(2 * gathers, abs=0.02)
-    assert ratio > 0 and ratio == pytest.approx((sync - local) / floor, abs=0.02)
-    local_mib, sync_mib, peak_ratio = (float(v) for v in next(r for r in rows if len(r) == 4)[1:])
+    assert ratio == pytest.approx((sync - local) / floor, abs=0.02)
+    assert ratio_gloo == pytest.approx((sync_gloo - local) / floor, abs=0.02)
+    memory = next(r for r in rows if len(r) == 6)
+    local_mib, sync_mib, peak_ratio, gloo_mib, gloo_ratio = (float(v) for v in memory[1:])
     assert local_mib > 0 and sync_mib > 0 and peak_ratio == pytest.approx(sync_mib / local_mib, abs=0.01)
+    assert gloo_ratio == pytest.approx(gloo_mib / local_mib, abs=0.01)
 
 
 def test_whole_model_has_twenty_batch_norm_layers() -> None:

@@ -15,13 +15,16 @@ import torch.multiprocessing as mp
 
 import syncnorm
 from syncnorm.launch import free_loopback_port
+from syncnorm.transports.torch_distributed import SHARED_MEMORY_ENV
 
 FAIL_AT_STEP = 3
 BOUND_S = 3.0
 
 
-def _train_until_fault(rank: int, port: int, fault: str, results: mp.Queue) -> None:
+def _train_until_fault(rank: int, port: int, fault: str, transport: str, results: mp.Queue) -> None:
     os.environ["SYNCNORM_TIMEOUT_S"] = str(BOUND_S)
+    if transport == "gloo":
+        os.environ[SHARED_MEMORY_ENV] = "0"
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -46,12 +49,15 @@ def _train_until_fault(rank: int, port: int, fault: str, results: mp.Queue) -> N
     results.put(("finished", "", 0.0, 10))
 
 
+@pytest.mark.parametrize("transport", ["shared_memory", "gloo"])
 @pytest.mark.parametrize("fault", ["killed", "hung"])
-def test_survivor_raises_naming_layer_and_call_within_the_bound(fault: str) -> None:
+def test_survivor_raises_naming_layer_and_call_within_the_bound(fault: str, transport: str) -> None:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_loopback_port()
-    procs = [ctx.Process(target=_train_until_fault, args=(r, port, fault, results)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_train_until_fault, args=(r, port, fault, transport, results)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -68,3 +74,6 @@ def test_survivor_raises_naming_layer_and_call_within_the_bound(fault: str) -> N
     assert f"call {FAIL_AT_STEP} of this layer" in message
     assert "SYNCNORM_TIMEOUT_S" in message
     assert waited < BOUND_S + 5
+    if transport == "shared_memory" and fault == "killed":
+        # the waiting rank watches its peers: a dead one is reported before the timeout
+        assert "rank(s) 1 exited" in message and waited < BOUND_S, (waited, message)

@@ -4,6 +4,10 @@ Which collective carries the statistics is chosen per backend from measurements
 (see :data:`FASTEST_PRIMITIVE`): the all-gather sends each worker's raw moments,
 merged on every worker with Chan's update; the all-reduce sends float64 power
 sums (payload O(C) whatever the world size).  Both give the exact merged moments.
+When every rank of a Gloo group runs on one host, the all-gather of CPU tensors
+goes through shared memory instead of Gloo's sockets
+(:mod:`syncnorm.transports.shared_memory`); Gloo still carries each layer's
+first-call handshake.
 """
 
 from __future__ import annotations
@@ -14,16 +18,24 @@ import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from syncnorm.moments import Moments, from_power_sums, merge_moments, to_power_sums
-from syncnorm.transports.base import LayerKey, LayerMismatchError, StatsReducer, SynchronizationError
+from syncnorm.transports.base import (
+    SIGNATURE_BITS,
+    LayerKey,
+    LayerMismatchError,
+    StatsReducer,
+    SynchronizationError,
+)
+from syncnorm.transports.shared_memory import SharedMemoryChannel, supported_here
 
-Primitive = Literal["all_gather", "all_reduce"]
+Primitive = Literal["all_gather", "all_reduce", "shared_memory"]
+_T = TypeVar("_T")
 
 FASTEST_PRIMITIVE: dict[str, Primitive] = {
     # Gloo, 2 ranks on one 2-core host (torch 2.13, 2026-11): median latency for
@@ -36,7 +48,13 @@ FASTEST_PRIMITIVE: dict[str, Primitive] = {
     # however many ranks there are, which is what matters at GPU scale.
     "nccl": "all_reduce",
 }
-"""The collective used for each backend when ``primitive="auto"``."""
+"""The collective used for each backend when ``primitive="auto"`` and the ranks do
+not all share one host (on one host, Gloo groups use ``"shared_memory"``)."""
+
+SHARED_MEMORY_ENV = "SYNCNORM_SHARED_MEMORY"
+"""Set to ``0`` (on every rank) to keep ``primitive="auto"`` off shared memory."""
+
+_DIRECTIONS = {"forward": 0, "backward": 1}
 
 _PAYLOAD_DTYPE = torch.float64
 """Payloads travel in float64: counts stay exact beyond 2**24 values per channel,
@@ -103,15 +121,21 @@ class TorchDistributedReducer(StatsReducer):
 
     Args:
         group: the process group (``None``: the default group).
-        primitive: ``"all_gather"``, ``"all_reduce"``, or ``"auto"`` to take
-            :data:`FASTEST_PRIMITIVE` for the group's backend.
+        primitive: ``"all_gather"``, ``"all_reduce"``, ``"shared_memory"``, or
+            ``"auto"``.  ``"shared_memory"`` is an all-gather through a shared
+            file in ``/dev/shm`` for Gloo groups whose ranks all run on one
+            Linux x86-64 host (CPU tensors; other devices use Gloo's all_gather),
+            and raises at the first call if they do not.  ``"auto"`` takes
+            ``"shared_memory"`` where it works, decided together by all ranks at
+            the first call (:data:`SHARED_MEMORY_ENV` ``=0`` opts out), and
+            :data:`FASTEST_PRIMITIVE` for the group's backend otherwise.
         timeout_s: how long one collective may wait for its peers before every
             waiting worker raises :class:`SynchronizationError` naming the layer and
             call (default: ``SYNCNORM_TIMEOUT_S``, else 300 s).  On NCCL the
             host never waits for the device, so there the process group's own
             timeout (``init_process_group(timeout=...)``) bounds the wait.
 
-    Every payload carries the layer's signature.  The first call for each layer
+    Every payload carries the layer's signature and direction.  The first call for each layer
     also exchanges ``(signature, num_features)`` in a fixed-size round, so that
     workers with different channel counts for a layer get a
     :class:`LayerMismatchError` naming it instead of a mismatched-size
@@ -131,15 +155,27 @@ class TorchDistributedReducer(StatsReducer):
                 "TorchDistributedReducer needs an initialized process group: call "
                 "torch.distributed.init_process_group first (torchrun sets up the environment for it)."
             )
-        if primitive not in ("auto", "all_gather", "all_reduce"):
-            raise ValueError(f"primitive must be 'auto', 'all_gather' or 'all_reduce', got {primitive!r}")
+        if primitive not in ("auto", "all_gather", "all_reduce", "shared_memory"):
+            raise ValueError(
+                f"primitive must be 'auto', 'all_gather', 'all_reduce' or 'shared_memory', got {primitive!r}"
+            )
         self._group = weakref.ref(group) if group is not None else None
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         backend = str(dist.get_backend(group)).lower()
-        self.primitive: Primitive = (
-            FASTEST_PRIMITIVE.get(backend, "all_reduce") if primitive == "auto" else primitive
-        )
+        if primitive == "shared_memory":
+            if backend != "gloo":
+                raise ValueError(f"primitive='shared_memory' needs a Gloo group, this one is {backend}")
+            why = supported_here()
+            if why is not None:
+                raise ValueError(f"primitive='shared_memory' is not available: {why}")
+        # "shared_memory" under "auto" is provisional until the first call, where
+        # all ranks check together that they can share memory.
+        self._requires_shared_memory = primitive == "shared_memory"
+        if primitive == "auto":
+            primitive = "shared_memory" if backend == "gloo" else FASTEST_PRIMITIVE.get(backend, "all_reduce")
+        self.primitive: Primitive = primitive
+        self._channel: SharedMemoryChannel | None = None
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.timeout_s = timeout_s if timeout_s is not None else timeout_from_env()
@@ -150,6 +186,7 @@ class TorchDistributedReducer(StatsReducer):
         self._pending: list[_PendingCheck] = []
         self._calls: Counter[tuple[int, str]] = Counter()
         self._round_buffers: dict[tuple[int, str], _RoundBuffers] = {}
+        self._headers: dict[tuple[int, str], Tensor] = {}
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -170,10 +207,8 @@ class TorchDistributedReducer(StatsReducer):
     def merge_moments(self, local: Moments, layer: LayerKey) -> Moments:
         self._start_round(layer, local.mean.device, "forward")
         c = layer.num_features
-        if self.primitive == "all_gather":
-            buffers = self._buffers(layer, "forward", 2 + 2 * c, local.mean.device)
-            torch.cat([local.count.reshape(1), local.mean, local.m2], out=buffers.body)
-            rows = self._all_gather(buffers, layer, "forward")
+        if self.primitive != "all_reduce":
+            rows = self._gather([local.count.reshape(1), local.mean, local.m2], layer, "forward")
             return merge_moments(rows[:, 1], rows[:, 2 : 2 + c], rows[:, 2 + c :])
         n, s1, s2 = to_power_sums(
             Moments(
@@ -187,43 +222,74 @@ class TorchDistributedReducer(StatsReducer):
 
     def sum_across_workers(self, local: Tensor, layer: LayerKey) -> Tensor:
         self._start_round(layer, local.device, "backward")
-        if self.primitive == "all_gather":
-            buffers = self._buffers(layer, "backward", 1 + local.numel(), local.device)
-            buffers.body.copy_(local)
-            rows = self._all_gather(buffers, layer, "backward")
+        if self.primitive != "all_reduce":
+            rows = self._gather([local], layer, "backward")
             return rows[:, 1:].sum(0).to(local.dtype)
         return self._all_reduce_signed(local.to(_PAYLOAD_DTYPE), layer, "backward").to(local.dtype)
 
     # -- collectives ----------------------------------------------------------
 
+    def _gather(self, parts: list[Tensor], layer: LayerKey, direction: str) -> Tensor:
+        """All-gather ``[header, *parts]`` (float64) from every rank: the rows, shape
+        ``(W, 1 + sum of the parts' sizes)``, after checking every rank's header.
+
+        The rows are valid until this reducer's next round (they may be shared memory)."""
+        size = 1 + sum(p.numel() for p in parts)
+        device = parts[0].device
+        channel = self._channel
+        if channel is not None and device.type == "cpu" and size <= channel.width:
+            torch.cat([self._header(layer, direction), *parts], out=channel.row()[:size])
+            rows = self._synchronized(lambda: channel.exchange(size, self.timeout_s), layer, direction)
+        else:
+            buffers = self._buffers(layer, direction, size, device)
+            torch.cat(parts, out=buffers.body)
+            out = buffers.gathered
+            self._wait(
+                lambda: all_gather_into(out, buffers.payload, self.group, async_op=True), layer, direction
+            )
+            rows = buffers.rows
+        self._check(rows[:, 0], layer, direction, ranks_gathered=True)
+        return rows
+
+    def _header(self, layer: LayerKey, direction: str) -> Tensor:
+        """The first value of a payload: the layer's signature, and its direction above
+        the signature's bits (one float64, cached)."""
+        key = (layer.instance, direction)
+        header = self._headers.get(key)
+        if header is None:
+            value = layer.signature + (_DIRECTIONS[direction] << SIGNATURE_BITS)
+            header = self._headers[key] = torch.tensor([float(value)], dtype=_PAYLOAD_DTYPE)
+        return header
+
     def _buffers(self, layer: LayerKey, direction: str, size: int, device: torch.device) -> _RoundBuffers:
         """A layer's send and receive buffers for one direction, kept between calls
-        (every call has the same size), with the signature already in place."""
+        (every call has the same size), with the header already in place."""
         key = (layer.instance, direction)
         buffers = self._round_buffers.get(key)
         if buffers is None or buffers.payload.numel() != size or buffers.payload.device != device:
             payload = torch.empty(size, dtype=_PAYLOAD_DTYPE, device=device)
-            payload[0] = float(layer.signature)
+            payload[:1] = self._header(layer, direction)
             gathered = payload.new_empty(self.world_size * size)
             buffers = self._round_buffers[key] = _RoundBuffers(payload, gathered)
         return buffers
 
-    def _all_gather(self, buffers: _RoundBuffers, layer: LayerKey, direction: str) -> Tensor:
-        """All-gather ``buffers.payload``; the rows, after checking every rank's signature."""
-        out = buffers.gathered
-        self._wait(lambda: all_gather_into(out, buffers.payload, self.group, async_op=True), layer, direction)
-        self._check(buffers.rows[:, 0], layer, direction, ranks_gathered=True)
-        return buffers.rows
-
     def _wait(self, start: Callable[[], dist.Work | None], layer: LayerKey, direction: str) -> None:
-        """Run one collective; a dead, hung or missing peer becomes a SynchronizationError."""
-        try:
+        """Run one torch.distributed collective, waiting at most the timeout on the host."""
+
+        def run() -> None:
             work = start()
             assert work is not None
             if self._host_waits:
                 work.wait(timeout=self._wait_limit)
             else:
                 work.wait()
+
+        self._synchronized(run, layer, direction)
+
+    def _synchronized(self, run: Callable[[], _T], layer: LayerKey, direction: str) -> _T:
+        """``run()``, with a dead, hung or missing peer turned into a SynchronizationError."""
+        try:
+            return run()
         except RuntimeError as error:
             call = self._calls[(layer.instance, direction)]
             raise SynchronizationError(
@@ -270,6 +336,29 @@ class TorchDistributedReducer(StatsReducer):
                 "in the same order with the same channel counts."
             )
         self._verified.add(layer.instance)
+        if self.primitive == "shared_memory":
+            self._reserve_channel(2 + 2 * layer.num_features)
+
+    def _reserve_channel(self, width: int) -> None:
+        """Open the shared-memory channel at the first handshake (collective), or grow
+        its rows for a wider layer; under ``"auto"`` fall back to all_gather if the
+        ranks cannot share memory."""
+        if self._channel is not None:
+            self._channel.reserve(width, self.group)
+            return
+        opted_out = not self._requires_shared_memory and os.environ.get(SHARED_MEMORY_ENV) == "0"
+        channel, why = SharedMemoryChannel.open(
+            self.group, width, refuse=f"{SHARED_MEMORY_ENV}=0" if opted_out else None
+        )
+        if channel is None and self._requires_shared_memory:
+            raise RuntimeError(f"primitive='shared_memory' cannot be used by this group: {why}")
+        self._channel = channel
+        if channel is None:
+            self.primitive = "all_gather"
+
+    def _describe_header(self, header: int) -> str:
+        direction = "backward" if header >> SIGNATURE_BITS else "forward"
+        return f"the {direction} synchronization of {self._label(header & ((1 << SIGNATURE_BITS) - 1))}"
 
     def _label(self, signature: int) -> str:
         """What this process knows of the layer with ``signature``."""
@@ -300,12 +389,13 @@ class TorchDistributedReducer(StatsReducer):
     ) -> None:
         values = observed.tolist()  # one read for a few values: cheaper than comparing on the tensor
         if ranks_gathered:
-            if all(s == layer.signature for s in values):
+            expected = layer.signature + (_DIRECTIONS[direction] << SIGNATURE_BITS)
+            if all(h == expected for h in values):
                 return
             detail = "; ".join(
-                f"rank {r} was in {self._label(int(s))}"
-                for r, s in enumerate(values)
-                if int(s) != layer.signature
+                f"rank {r} was in {self._describe_header(int(h))}"
+                for r, h in enumerate(values)
+                if h != expected
             )
         else:
             if not any(values):
