@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from syncnorm import LayerMismatchError, SyncBatchNorm, TorchDistributedReducer
+from syncnorm.transports import shared_memory
 from syncnorm.transports.shared_memory import SHM_DIR
 from syncnorm.transports.torch_distributed import SHARED_MEMORY_ENV
 from tests.cases import Case, assert_matches_reference, reference_layer, run_layer
@@ -32,6 +33,22 @@ def _primitive_after_first_call(rank: int, world_size: int, opt_out: bool) -> st
 @pytest.mark.parametrize(("opt_out", "expected"), [(False, "shared_memory"), (True, "all_gather")])
 def test_auto_takes_shared_memory_on_one_host_unless_opted_out(ranks, opt_out: bool, expected: str) -> None:
     assert ranks(2).run(_primitive_after_first_call, opt_out) == [expected, expected]
+
+
+def _primitive_when_one_rank_cannot(rank: int, world_size: int) -> str:
+    saved = shared_memory.SHM_DIR
+    if rank == 1:
+        shared_memory.SHM_DIR = "/nonexistent/shm"  # this rank alone cannot take part
+    try:
+        reducer = TorchDistributedReducer()
+        SyncBatchNorm(3, reducer=reducer)(torch.randn(4, 3))
+        return reducer.primitive
+    finally:
+        shared_memory.SHM_DIR = saved
+
+
+def test_all_ranks_fall_back_together_when_one_cannot_share_memory(ranks) -> None:
+    assert ranks(3).run(_primitive_when_one_rank_cannot) == ["all_gather"] * 3
 
 
 # Three layers through one reducer: the second is wider than the region the first
@@ -111,3 +128,29 @@ def test_forward_and_backward_of_one_layer_are_told_apart(ranks) -> None:
         direction, theirs = ("backward", "forward") if rank == 0 else ("forward", "backward")
         assert f"'bn' (num_features=3): {direction} synchronization mismatch" in message
         assert f"rank {1 - rank} was in the {theirs} synchronization of SyncBatchNorm layer 'bn'" in message
+
+
+def _wider_layer_when_the_region_cannot_grow(rank: int, world_size: int) -> tuple[list, int]:
+    reducer = TorchDistributedReducer(primitive="shared_memory")
+    narrow, wide = WIDENING[0], WIDENING[1]
+    traces = [run_layer(SyncBatchNorm(narrow.channels, reducer=reducer, dtype=narrow.dtype), narrow, rank)]
+    create_file = shared_memory._create_file
+
+    def full(*args: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    shared_memory._create_file = full  # only rank 0 creates files: it finds /dev/shm full
+    try:
+        traces.append(run_layer(SyncBatchNorm(wide.channels, reducer=reducer, dtype=wide.dtype), wide, rank))
+    finally:
+        shared_memory._create_file = create_file
+    assert reducer._channel is not None
+    return traces, reducer._channel.width
+
+
+def test_rounds_wider_than_a_region_that_cannot_grow_go_through_gloo(ranks) -> None:
+    results = ranks(3).run(_wider_layer_when_the_region_cannot_grow)
+    for i, case in enumerate(WIDENING[:2]):
+        reference = run_layer(reference_layer(case), case, None)
+        assert_matches_reference([r[0][i] for r in results], reference, case)
+    assert [width for _, width in results] == [2 + 2 * WIDENING[0].channels] * 3

@@ -341,8 +341,9 @@ class TorchDistributedReducer(StatsReducer):
 
     def _reserve_channel(self, width: int) -> None:
         """Open the shared-memory channel at the first handshake (collective), or grow
-        its rows for a wider layer; under ``"auto"`` fall back to all_gather if the
-        ranks cannot share memory."""
+        its rows for a wider layer (if they cannot grow, that layer's rounds use Gloo's
+        all_gather); under ``"auto"`` fall back to all_gather if the ranks cannot share
+        memory."""
         if self._channel is not None:
             self._channel.reserve(width, self.group)
             return
