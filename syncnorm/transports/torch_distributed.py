@@ -104,6 +104,17 @@ class _PendingCheck:
 
 
 @dataclass
+class _Header:
+    """The first value of a payload: the layer's signature, and the direction
+    (0 forward, 1 backward) above the signature's bits; also as a float64 tensor."""
+
+    value: int
+
+    def __post_init__(self) -> None:
+        self.tensor = torch.tensor([float(self.value)], dtype=_PAYLOAD_DTYPE)
+
+
+@dataclass
 class _RoundBuffers:
     """One layer's all-gather buffers for one direction: the payload (signature
     first, then ``body``) and the gathered payloads, flat and as ``rows``."""
@@ -186,7 +197,7 @@ class TorchDistributedReducer(StatsReducer):
         self._pending: list[_PendingCheck] = []
         self._calls: Counter[tuple[int, str]] = Counter()
         self._round_buffers: dict[tuple[int, str], _RoundBuffers] = {}
-        self._headers: dict[tuple[int, str], Tensor] = {}
+        self._headers: dict[tuple[int, str], _Header] = {}
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -238,7 +249,7 @@ class TorchDistributedReducer(StatsReducer):
         device = parts[0].device
         channel = self._channel
         if channel is not None and device.type == "cpu" and size <= channel.width:
-            torch.cat([self._header(layer, direction), *parts], out=channel.row()[:size])
+            torch.cat([self._header(layer, direction).tensor, *parts], out=channel.row()[:size])
             rows = self._synchronized(lambda: channel.exchange(size, self.timeout_s), layer, direction)
         else:
             buffers = self._buffers(layer, direction, size, device)
@@ -251,14 +262,14 @@ class TorchDistributedReducer(StatsReducer):
         self._check(rows[:, 0], layer, direction, ranks_gathered=True)
         return rows
 
-    def _header(self, layer: LayerKey, direction: str) -> Tensor:
-        """The first value of a payload: the layer's signature, and its direction above
-        the signature's bits (one float64, cached)."""
+    def _header(self, layer: LayerKey, direction: str) -> _Header:
+        """The first value of a layer's payloads in one direction (cached)."""
         key = (layer.instance, direction)
         header = self._headers.get(key)
         if header is None:
-            value = layer.signature + (_DIRECTIONS[direction] << SIGNATURE_BITS)
-            header = self._headers[key] = torch.tensor([float(value)], dtype=_PAYLOAD_DTYPE)
+            header = self._headers[key] = _Header(
+                layer.signature + (_DIRECTIONS[direction] << SIGNATURE_BITS)
+            )
         return header
 
     def _buffers(self, layer: LayerKey, direction: str, size: int, device: torch.device) -> _RoundBuffers:
@@ -268,7 +279,7 @@ class TorchDistributedReducer(StatsReducer):
         buffers = self._round_buffers.get(key)
         if buffers is None or buffers.payload.numel() != size or buffers.payload.device != device:
             payload = torch.empty(size, dtype=_PAYLOAD_DTYPE, device=device)
-            payload[:1] = self._header(layer, direction)
+            payload[:1] = self._header(layer, direction).tensor
             gathered = payload.new_empty(self.world_size * size)
             buffers = self._round_buffers[key] = _RoundBuffers(payload, gathered)
         return buffers
@@ -390,7 +401,7 @@ class TorchDistributedReducer(StatsReducer):
     ) -> None:
         values = observed.tolist()  # one read for a few values: cheaper than comparing on the tensor
         if ranks_gathered:
-            expected = layer.signature + (_DIRECTIONS[direction] << SIGNATURE_BITS)
+            expected = self._header(layer, direction).value
             if all(h == expected for h in values):
                 return
             detail = "; ".join(
