@@ -20,6 +20,17 @@ import torch.multiprocessing as mp
 
 from syncnorm.launch import free_loopback_port
 
+
+def caught(fn: Callable[..., object], *args: object) -> tuple[str | None, str]:
+    """Run ``fn(*args)`` and return (exception type name, message) of what it raises,
+    ``(None, "")`` if nothing: how a rank function reports an expected error."""
+    try:
+        fn(*args)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return None, ""
+
+
 COLLECTIVE_TIMEOUT_S = 60
 """Gloo's own bound on a collective inside the workers (its default is 30 minutes)."""
 

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 
 from syncnorm import LayerMismatchError, SyncBatchNorm, TorchDistributedReducer, convert_sync_batchnorm
-
-
-def _catch(fn: Callable[..., object], *args: object) -> tuple[str | None, str]:
-    """Run ``fn`` and return (exception type name, message) of what it raises."""
-    try:
-        fn(*args)
-    except Exception as e:
-        return type(e).__name__, str(e)
-    return None, ""
+from tests.ranks import caught
 
 
 def _channel_mismatch(rank: int, world_size: int) -> tuple[str | None, str]:
     model = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(4 + 2 * rank)))
-    return _catch(model, torch.randn(3, 4 + 2 * rank))
+    return caught(model, torch.randn(3, 4 + 2 * rank))
 
 
 def test_different_channel_counts_name_the_layer(ranks) -> None:
@@ -42,7 +32,7 @@ def _swapped_order(rank: int, world_size: int, primitive: str) -> tuple[str | No
     layers["stem"](x), layers["head"](x)  # a first step in the same order on all ranks
     order = ["stem", "head"] if rank == 0 else ["head", "stem"]
     before = layers[order[0]].running_mean.clone()
-    kind, message = _catch(layers[order[0]], x)
+    kind, message = caught(layers[order[0]], x)
     assert torch.equal(layers[order[0]].running_mean, before), "a rejected call changed state"
     return kind, message
 
@@ -60,7 +50,7 @@ def test_layers_called_in_different_order_raise_naming_them(ranks, primitive: st
 def _too_few_values(rank: int, world_size: int, sizes: tuple[int, ...]) -> tuple[str | None, str]:
     layer = SyncBatchNorm(5)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    kind, message = _catch(layer, torch.randn(sizes[rank], 5))
+    kind, message = caught(layer, torch.randn(sizes[rank], 5))
     for key, value in layer.state_dict().items():
         assert torch.equal(value, state[key]), f"{key} changed by a rejected batch"
     return kind, message

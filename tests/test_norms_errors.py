@@ -10,6 +10,7 @@ from torch import nn
 
 import syncnorm
 from tests.norm_cases import KINDS, NormCase, build_layer
+from tests.ranks import caught
 
 
 def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -124,19 +125,11 @@ def test_bad_constructor_arguments(build: Callable[[], nn.Module], expected: str
 # -- across ranks ---------------------------------------------------------------
 
 
-def _catch(fn: Callable[..., object], *args: object) -> tuple[str | None, str]:
-    try:
-        fn(*args)
-    except Exception as e:
-        return type(e).__name__, str(e)
-    return None, ""
-
-
 def _too_few_values(rank: int, world_size: int, kind: str, sizes: tuple[int, ...]) -> tuple[str | None, str]:
     layer = build_layer(NormCase(kind, sizes=sizes, dtype=torch.float32))
     before = _state(layer)
     n = sizes[rank]
-    result = _catch(_call, layer, torch.randn(n, 3, 1, 1), _good_condition(kind, n))
+    result = caught(_call, layer, torch.randn(n, 3, 1, 1), _good_condition(kind, n))
     _assert_unchanged(layer, before)
     return result
 
@@ -151,7 +144,7 @@ def test_at_most_one_value_per_channel_in_the_group_raises_like_torch(ranks, kin
 
 def _different_channels(rank: int, world_size: int) -> tuple[str | None, str]:
     model = syncnorm.name_layers(nn.Sequential(syncnorm.SyncSwitchableNorm2d(3 + rank)))
-    return _catch(model, torch.randn(2, 3 + rank, 2, 2))
+    return caught(model, torch.randn(2, 3 + rank, 2, 2))
 
 
 def test_workers_with_different_channel_counts_get_a_layer_mismatch_naming_the_layer(ranks) -> None:
@@ -165,7 +158,7 @@ def _join_with_other_norms(rank: int, world_size: int) -> tuple[str | None, str]
     model = syncnorm.convert_sync_batchnorm(
         nn.Sequential(nn.BatchNorm2d(3), syncnorm.SyncSwitchableNorm2d(3))
     )
-    return _catch(syncnorm.SyncBatchNormJoin, model)
+    return caught(syncnorm.SyncBatchNormJoin, model)
 
 
 def test_join_refuses_models_with_the_other_norms_instead_of_hanging(ranks) -> None:

@@ -12,11 +12,12 @@ import os
 import pytest
 import torch
 
-from syncnorm import LayerMismatchError, SyncBatchNorm, TorchDistributedReducer
+from syncnorm import SyncBatchNorm, TorchDistributedReducer
 from syncnorm.transports import shared_memory
 from syncnorm.transports.shared_memory import SHM_DIR
 from syncnorm.transports.torch_distributed import SHARED_MEMORY_ENV
 from tests.cases import Case, assert_matches_reference, reference_layer, run_layer
+from tests.ranks import caught
 
 
 def _primitive_after_first_call(rank: int, world_size: int, opt_out: bool) -> str:
@@ -82,18 +83,14 @@ def test_layers_of_growing_width_match_batchnorm_and_leave_no_file(ranks) -> Non
         assert width >= 2 + 2 * 40
 
 
-def _swapped_layers_of_different_width(rank: int, world_size: int) -> tuple[str, str]:
+def _swapped_layers_of_different_width(rank: int, world_size: int) -> tuple[str | None, str]:
     reducer = TorchDistributedReducer(primitive="shared_memory")
     layers = {"narrow": SyncBatchNorm(3, reducer=reducer), "wide": SyncBatchNorm(7, reducer=reducer)}
     for name, layer in layers.items():
         layer.layer_name = name
         layer(torch.randn(4, layer.num_features))  # a first step in the same order on all ranks
     first = layers["narrow" if rank == 0 else "wide"]
-    try:
-        first(torch.randn(4, first.num_features))
-    except LayerMismatchError as error:
-        return type(error).__name__, str(error)
-    return "", ""
+    return caught(first, torch.randn(4, first.num_features))
 
 
 def test_layers_of_different_width_in_different_order_raise_instead_of_aborting(ranks) -> None:
@@ -106,19 +103,14 @@ def test_layers_of_different_width_in_different_order_raise_instead_of_aborting(
         assert mine in message and f"forward synchronization of SyncBatchNorm layer {other}" in message
 
 
-def _forward_against_backward(rank: int, world_size: int) -> tuple[str, str]:
+def _forward_against_backward(rank: int, world_size: int) -> tuple[str | None, str]:
     layer = SyncBatchNorm(3, reducer=TorchDistributedReducer(primitive="shared_memory"))
     layer.layer_name = "bn"
     x = torch.randn(4, 3, requires_grad=True)
     y = layer(x)
-    try:
-        if rank == 0:
-            y.sum().backward()  # rank 0 goes on to the backward round ...
-        else:
-            layer(x)  # ... rank 1 to a second forward of the same layer
-    except LayerMismatchError as error:
-        return type(error).__name__, str(error)
-    return "", ""
+    if rank == 0:
+        return caught(y.sum().backward)  # rank 0 goes on to the backward round ...
+    return caught(layer, x)  # ... rank 1 to a second forward of the same layer
 
 
 def test_forward_and_backward_of_one_layer_are_told_apart(ranks) -> None:
